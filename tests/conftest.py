@@ -48,3 +48,45 @@ def synth_dataset(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("synth_dataset")
     return synthesize_dataset(root, n_normal=1, n_tumor=1, n_test=2, size_px=8192, seed=2024)
+
+
+#: A small 64 px model like configs/demo_cpu.yaml but shorter: tens of seconds on 2 CPU cores.
+SMALL_MODEL = {
+    "model": {"image_size": 64, "latent_size": 8, "latent_channels": 4, "channels": [8, 8, 8, 8]},
+    "backbone": {"name": "efficientnet_lite0", "layers": {64: "block7"}},
+    "data": {"magnification": "10x", "stats_tiles": 256, "buffer_tiles": 8192},
+    "train": {"progressive": False, "flat_iterations": 200, "batch_size": 32, "lr": 0.003, "seed": 0,
+              "checkpoint_every": 100, "log_every": 20},
+}
+
+
+@pytest.fixture(scope="session")
+def scored_setting(tmp_path_factory):
+    """Two synthetic slides (8192 px at 0.243 µm/px: one normal, one tumour with a 0.8 mm and a 0.4 mm lesion,
+    ASAP XML beside it) tiled into stores (64 px at 10x, stain-normalized), and a small model trained on a
+    third, normal slide's tiles. Made once per session.
+
+    Returns a dict: ``normal`` / ``tumor`` (:class:`wsi_ad.synth.SynthSlide`), ``normal_store`` /
+    ``tumor_store`` (paths of the ``.zarr`` stores), ``tumor_xml`` (path), ``model`` (checkpoint path),
+    ``stores_dir`` (folder holding both stores).
+    """
+    from pipelines.process import process_paths
+    from wsi_ad.annotations import write_asap_xml
+    from wsi_ad.config import Config
+    from wsi_ad.model import train
+    from wsi_ad.preprocess import PreprocessConfig
+    from wsi_ad.synth import synthesize_slide
+
+    root = tmp_path_factory.mktemp("scored_setting")
+    train_slide = synthesize_slide(root / "train" / "normal_101.tif", width_px=8192, seed=101, tumor=False)
+    normal = synthesize_slide(root / "slides" / "normal_102.tif", width_px=8192, seed=102, tumor=False)
+    tumor = synthesize_slide(root / "slides" / "tumor_103.tif", width_px=8192, seed=103, tumor=True,
+                             lesion_sizes_mm=[0.8, 0.4])
+    write_asap_xml(root / "slides" / "tumor_103.xml", tumor.annotations)
+    quiet = {"echo": lambda *a: None}
+    process_paths([train_slide.path], root / "train_stores", PreprocessConfig(), **quiet)
+    process_paths([normal.path, tumor.path], root / "stores", PreprocessConfig(), **quiet)
+    result = train([root / "train_stores"], root / "model.pt", Config.from_dict(SMALL_MODEL), progress=False, **quiet)
+    return {"normal": normal, "tumor": tumor, "normal_store": root / "stores" / "normal_102.zarr",
+            "tumor_store": root / "stores" / "tumor_103.zarr", "tumor_xml": root / "slides" / "tumor_103.xml",
+            "model": result.checkpoint, "stores_dir": root / "stores"}
