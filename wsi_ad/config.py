@@ -5,7 +5,8 @@ fall back to a default)::
 
     model:    {image_size: 64, latent_size: 8, latent_channels: 4, channels: [4, 4, 4, 4]}
     backbone: {name: vgg19, weights: null, download: false, layers: null}
-    data:     {magnification: 10x, image_mpp: null, buffer_tiles: 65536, stats_tiles: 4096, flips: true, rot90: false}
+    data:     {magnification: 10x, image_mpp: null, buffer_tiles: 65536, stats_tiles: 4096, tiles_per_slide: null,
+               flips: true, rot90: false}
     train:    {progressive: true, start_size: 16, iterations: {stab16: 20000, ...}, flat_iterations: null,
                batch_size: 128, lr: 0.001, betas: [0.9, 0.999], seed: 0, checkpoint_every: 1000,
                log_every: 50, device: auto, amp: true, channels_last: true}
@@ -68,6 +69,7 @@ class DataSection:
     image_mpp: float | None = None  # µm/px of image-folder tiles; resized to the magnification when set
     buffer_tiles: int = 65536     # tiles held in memory at once (refilled from random store chunks)
     stats_tiles: int = 4096       # normal tiles used for the per-channel feature statistics
+    tiles_per_slide: int | None = None  # train on a seeded random sample of at most this many tiles per store
     flips: bool = True            # random horizontal and vertical flips
     rot90: bool = False           # random 90° rotations
 
@@ -151,6 +153,8 @@ class Config:
             raise ConfigError(f"train.device must be auto, cuda or cpu, got {t.device!r}")
         if t.progressive and not (2 * m.latent_size <= t.start_size <= m.image_size):
             raise ConfigError(f"train.start_size must lie in [{2 * m.latent_size}, {m.image_size}], got {t.start_size}")
+        if self.data.tiles_per_slide is not None and self.data.tiles_per_slide < 1:
+            raise ConfigError(f"data.tiles_per_slide must be >= 1 (or null for all), got {self.data.tiles_per_slide}")
         if any(int(v) < 0 for v in t.iterations.values()):
             raise ConfigError("train.iterations must be >= 0")
 

@@ -34,9 +34,14 @@ def _random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.n
 
 
 class StoreSource:
-    """``tiles/<magnification>`` of one slide store: (N, T, T, 3) uint8, T >= ``size``."""
+    """``tiles/<magnification>`` of one slide store: (N, T, T, 3) uint8, T >= ``size``.
 
-    def __init__(self, path: str | os.PathLike, magnification: str, size: int):
+    ``max_tiles``: serve only a random sample of at most this many of the store's tiles (drawn once from
+    ``seed`` and the store's name, kept in slide order), e.g. the paper's N normal tiles per slide.
+    """
+
+    def __init__(self, path: str | os.PathLike, magnification: str, size: int, max_tiles: int | None = None,
+                 seed: int = 0):
         self.path = Path(path)
         tiles = SlideStore.open(self.path).require("tiles")
         if magnification not in tiles:
@@ -47,12 +52,21 @@ class StoreSource:
         if self.array.shape[1] < size:
             raise DataError(f"{self.path}: tiles/{magnification} are {self.array.shape[1]} px, "
                             f"smaller than the model input {size} px")
+        n = int(self.array.shape[0])
+        self.indices = None
+        if max_tiles is not None and max_tiles < n:
+            name_key = int.from_bytes(self.path.name.encode()[:16].ljust(16, b"\0"), "little")
+            rng = np.random.default_rng([seed, 0x5A1, name_key])
+            self.indices = np.sort(rng.choice(n, size=max_tiles, replace=False))
 
     def __len__(self) -> int:
-        return int(self.array.shape[0])
+        return int(self.array.shape[0]) if self.indices is None else len(self.indices)
 
     def read(self, start: int, stop: int, rng: np.random.Generator) -> np.ndarray:
-        block = np.asarray(self.array[start:stop])
+        if self.indices is None:
+            block = np.asarray(self.array[start:stop])
+        else:
+            block = np.asarray(self.array.oindex[self.indices[start:stop]])
         if block.shape[1] == self.size:
             return block
         return np.stack([_random_crop(t, self.size, rng) for t in block])
@@ -97,10 +111,12 @@ def _is_store(path: Path) -> bool:
 
 
 def discover_sources(
-    paths: list[str | os.PathLike], magnification: str = "10x", size: int = 64, image_mpp: float | None = None
+    paths: list[str | os.PathLike], magnification: str = "10x", size: int = 64, image_mpp: float | None = None,
+    tiles_per_slide: int | None = None, seed: int = 0,
 ) -> list[StoreSource | ImageFolderSource]:
     """Sources for ``paths``: slide stores, folders of stores (``wsi-ad process --out``), or folders of
-    PNG/JPEG tiles. ``image_mpp`` (µm/px of image files) resizes them to ``magnification``."""
+    PNG/JPEG tiles. ``image_mpp`` (µm/px of image files) resizes them to ``magnification``;
+    ``tiles_per_slide`` samples at most that many tiles of each store (seeded by ``seed``)."""
     from wsi_ad.slide import magnification_to_mpp
 
     scale = image_mpp / magnification_to_mpp(magnification) if image_mpp else None
@@ -110,7 +126,7 @@ def discover_sources(
         if not path.exists():
             raise DataError(f"{path}: no such file or folder")
         if _is_store(path):
-            sources.append(StoreSource(path, magnification, size))
+            sources.append(StoreSource(path, magnification, size, tiles_per_slide, seed))
             continue
         if path.is_file():
             if path.suffix.lower() in IMAGE_SUFFIXES:
@@ -119,7 +135,7 @@ def discover_sources(
             raise DataError(f"{path}: not a slide store, a folder of stores or a PNG/JPEG tile")
         stores = sorted(p for p in path.iterdir() if p.suffix == STORE_SUFFIX and p.is_dir())
         if stores:
-            sources += [StoreSource(p, magnification, size) for p in stores]
+            sources += [StoreSource(p, magnification, size, tiles_per_slide, seed) for p in stores]
             continue
         images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not images:

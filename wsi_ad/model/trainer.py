@@ -156,7 +156,8 @@ def train(
             return TrainResult(out, model_id(resume), int(resume["iteration"]), int(resume["iteration"]), True,
                                _last(resume["history"]["loss"]), time.perf_counter() - t0)
 
-    sources = discover_sources(paths, config.data.magnification, config.model.image_size, config.data.image_mpp)
+    sources = discover_sources(paths, config.data.magnification, config.model.image_size, config.data.image_mpp,
+                               tiles_per_slide=config.data.tiles_per_slide, seed=config.train.seed)
     torch.manual_seed(config.train.seed)
     model = ProgressiveAutoencoder(autoencoder_config(config))
     extractor = build_backbone(config.backbone.name, sizes, weights=config.backbone.weights,
