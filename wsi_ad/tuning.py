@@ -1,0 +1,806 @@
+"""Weakly-supervised hyperparameter selection (DPA paper, §2.3): pick the autoencoder's hyperparameters with
+normal tiles plus a FEW anomalies of ONE kind, none of which is ever trained on.
+
+For each candidate configuration and each of K folds **split by slide** (every slide store is one slide),
+a model is trained on the normal stores of the other folds and scored on
+
+- the normal tiles of the held-out fold's stores (a seeded sample of at most ``max_normal_tiles``), and
+- the validation anomalies: tiles lying entirely inside the tumour polygons of a few annotated tumour
+  slides (:func:`wsi_ad.metrics.tile_labels`, ``min_tumor_overlap=1.0``), a seeded sample of at most
+  ``max_anomaly_tiles``, the same tiles for every candidate and fold;
+
+the fold's score is the tile ROC AUC (anomaly = positive). Candidates are ranked by the mean AUC over the
+folds (ties: smaller std, then fewer seconds). The held-out normal stores never share a slide with the
+training stores (:func:`check_disjoint` refuses it; the official DPA code validates on tiles drawn from
+the training set). The tumour slides are never trained on.
+
+Outputs in ``out`` (all written atomically):
+
+- ``tune_results.json``: settings, folds (slide ids), the anomaly selection, every candidate with its
+  parameters, status (``ok`` / ``skipped`` / ``failed``, with the reason), per-fold AUCs and seconds,
+  mean and std (population std, ``ddof=0``, as scikit-learn's grid search) of the AUC, and the winner;
+- ``best_config.yaml``: the winner's full :class:`wsi_ad.config.Config`, which ``wsi-ad train --config``
+  reads unchanged (train it on all normal slides);
+- ``runs/<candidate_id>/fold<i>-<train_hash>.pt`` (+ ``.json`` with the fold's result): resumable work. A
+  re-run reuses every finished candidate/fold whose configuration, training slides, validation slides
+  and tile samples are unchanged, and resumes an interrupted training from its checkpoint.
+
+Search-space YAML (``--space``; see ``configs/tune_space.yaml``, which equals :data:`DEFAULT_SPACE`)::
+
+    mode: random            # grid: every combination (there must be at most max_candidates);
+                            # random: a seeded sample of max_candidates distinct combinations
+    max_candidates: 8
+    seed: 0                 # of the random sample
+    space:                  # parameter -> list of values; every key is optional
+      latent_size: [4, 8]             # model.latent_size, px (bottleneck side)
+      latent_channels: [4]            # model.latent_channels
+      channels: [4, 8]                # int: that width at every level; list: model.channels per level
+      lr: [0.001, 0.0003]             # train.lr
+      iterations: [44333, 88666]      # int: total iterations (flat: train.flat_iterations; progressive:
+                                      #   train.iterations scaled to that sum); mapping: train.iterations
+      layer: [relu4_2, relu3_2]       # backbone feature layer at model.image_size (backbone.layers)
+      magnification: [10x, 20x]       # data.magnification: tiles/<mag> must exist in every store
+      train.batch_size: [64, 128]     # any other Config key, as section.key
+
+Candidates whose magnification some store lacks, or whose tiles there are smaller than the model input,
+are skipped with the reason recorded; so are combinations that make an invalid Config. A candidate whose
+training fails on bad input (a :class:`wsi_ad.errors.WsiAdError`) is recorded as failed and the search
+goes on.
+
+Tiles larger than the model input (e.g. 64 px store tiles for a 32 px model, or 128 px tiles at 20x) are
+trained on random crops (:mod:`wsi_ad.model.data`) and scored on their centre crop. Tumour labels come
+from each tile's full level-0 footprint (``tiles`` attribute ``geometry.tile0``), so the centre crop of an
+anomaly tile lies inside the tumour too, and every candidate sees the same anomaly tiles.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from wsi_ad import __version__
+from wsi_ad.atomic import write_text_atomic
+from wsi_ad.config import Config, ConfigError
+from wsi_ad.errors import WsiAdError
+from wsi_ad.store import STORE_SUFFIX, SlideStore, StoreError
+
+RESULTS_NAME = "tune_results.json"
+BEST_CONFIG_NAME = "best_config.yaml"
+RUNS_DIR = "runs"
+
+#: The default search space (the paper's Camelyon16 setting as base): equal to configs/tune_space.yaml.
+DEFAULT_SPACE: dict[str, Any] = {
+    "mode": "random",
+    "max_candidates": 8,
+    "seed": 0,
+    "space": {
+        "latent_size": [4, 8],
+        "channels": [4, 8],
+        "lr": [0.001, 0.0003],
+        "iterations": [44333, 88666],
+        "layer": ["relu4_2", "relu3_2"],
+        "magnification": ["10x", "20x"],
+    },
+}
+
+#: Short parameter names and the Config key each sets (``channels``, ``iterations`` and ``layer`` also
+#: accept the shorthand forms described in the module docstring).
+SHORT_KEYS: dict[str, tuple[str, str]] = {
+    "latent_size": ("model", "latent_size"),
+    "latent_channels": ("model", "latent_channels"),
+    "image_size": ("model", "image_size"),
+    "channels": ("model", "channels"),
+    "lr": ("train", "lr"),
+    "batch_size": ("train", "batch_size"),
+    "iterations": ("train", "iterations"),
+    "layer": ("backbone", "layers"),
+    "magnification": ("data", "magnification"),
+    "backbone": ("backbone", "name"),
+}
+#: Applied after the plain keys, because they depend on them (sizes, schedule kind, backbone).
+_DEPENDENT = ("channels", "iterations", "layer")
+
+
+class TuneError(WsiAdError):
+    """Bad tuning input: search space, stores, annotations, folds. The message names the culprit."""
+
+
+class FoldLeakError(TuneError):
+    """A validation fold shares a slide with the training stores it is meant to validate."""
+
+
+# -- the search space -----------------------------------------------------------------------------------------
+
+def _config_keys() -> dict[str, set[str]]:
+    import dataclasses
+
+    base = Config()
+    return {f.name: {g.name for g in dataclasses.fields(getattr(base, f.name))} for f in dataclasses.fields(Config)}
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Parameter name -> candidate values (in order), and how to draw candidates from their product.
+
+    ``mode``: ``grid`` (every combination; at most ``max_candidates`` of them) or ``random`` (a sample of
+    ``max_candidates`` distinct combinations drawn with ``seed``; all of them when there are fewer).
+    """
+
+    params: dict[str, list]
+    mode: str = "random"
+    max_candidates: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mode not in ("grid", "random"):
+            raise TuneError(f"search space: mode must be 'grid' or 'random', got {self.mode!r}")
+        if not isinstance(self.max_candidates, int) or self.max_candidates < 1:
+            raise TuneError(f"search space: max_candidates must be a positive integer, got {self.max_candidates!r}")
+        if not isinstance(self.params, Mapping) or not self.params:
+            raise TuneError("search space: 'space' must be a non-empty mapping of parameter -> list of values")
+        sections = _config_keys()
+        for name, values in self.params.items():
+            if name not in SHORT_KEYS:
+                section, _, key = str(name).partition(".")
+                if key not in sections.get(section, ()):
+                    raise TuneError(f"search space: unknown parameter {name!r}; use one of {sorted(SHORT_KEYS)} "
+                                    "or a Config key as section.key (e.g. train.batch_size)")
+            if not isinstance(values, list) or not values:
+                raise TuneError(f"search space: {name!r} must be a non-empty list of values, got {values!r}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SearchSpace:
+        if not isinstance(data, Mapping):
+            raise TuneError("search space must be a mapping with a 'space' section")
+        unknown = set(data) - {"mode", "max_candidates", "seed", "space"}
+        if unknown:
+            raise TuneError(f"search space: unknown key(s) {sorted(unknown)}; expected mode, max_candidates, seed, space")
+        if "space" not in data:
+            raise TuneError("search space: missing 'space' (parameter -> list of values)")
+        return cls(params=dict(data["space"] or {}), mode=data.get("mode", "random"),
+                   max_candidates=data.get("max_candidates", 8), seed=data.get("seed", 0))
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> SearchSpace:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = yaml.safe_load(fh)
+        except OSError as exc:
+            raise TuneError(f"{path}: cannot read search space: {exc}") from exc
+        except yaml.YAMLError as exc:
+            raise TuneError(f"{path}: invalid YAML: {exc}") from exc
+        try:
+            return cls.from_dict(data)
+        except TuneError as exc:
+            raise TuneError(f"{path}: {exc}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "max_candidates": self.max_candidates, "seed": self.seed, "space": self.params}
+
+    @property
+    def size(self) -> int:
+        """Number of combinations in the full product."""
+        return math.prod(len(v) for v in self.params.values())
+
+    def candidates(self, max_candidates: int | None = None, seed: int | None = None) -> list[dict[str, Any]]:
+        """The parameter assignments to evaluate, each ``{name: value}`` (in the space's key order).
+
+        ``max_candidates`` / ``seed`` override the space's own. Grid: all combinations in order (a
+        :class:`TuneError` when there are more than ``max_candidates``). Random: distinct combinations in
+        the order drawn.
+        """
+        limit = self.max_candidates if max_candidates is None else int(max_candidates)
+        if limit < 1:
+            raise TuneError(f"max_candidates must be >= 1, got {limit}")
+        names, values = list(self.params), list(self.params.values())
+        total = self.size
+        if self.mode == "grid":
+            if total > limit:
+                raise TuneError(f"search space: the grid has {total} combinations, more than max_candidates={limit}; "
+                                "raise max_candidates or use mode: random")
+            return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*values)]
+        rng = np.random.default_rng(self.seed if seed is None else int(seed))
+        picks = rng.choice(total, size=min(limit, total), replace=False) if total > limit else range(total)
+        out = []
+        for flat in picks:
+            combo, rest = [], int(flat)
+            for options in reversed(values):  # mixed radix, last parameter fastest (as itertools.product)
+                rest, digit = divmod(rest, len(options))
+                combo.append(options[digit])
+            out.append(dict(zip(names, reversed(combo), strict=True)))
+        return out
+
+
+def load_space(path: str | os.PathLike | None = None) -> SearchSpace:
+    """The search space of a YAML file, or :data:`DEFAULT_SPACE`."""
+    return SearchSpace.from_yaml(path) if path is not None else SearchSpace.from_dict(copy.deepcopy(DEFAULT_SPACE))
+
+
+def _levels(image_size: int, latent_size: int) -> int:
+    """Number of autoencoder resolution levels (widths in ``model.channels``) from input to bottleneck."""
+    image_size, latent_size = int(image_size), int(latent_size)
+    ratio = image_size // latent_size if latent_size >= 1 and image_size % latent_size == 0 else 0
+    if ratio < 1 or ratio & (ratio - 1):
+        raise ConfigError(f"model: image_size / latent_size must be a power of two, got {image_size}/{latent_size}")
+    return int(round(math.log2(ratio))) + 1
+
+
+def _scaled_iterations(stages: Mapping[str, int], total: int) -> dict[str, int]:
+    """``stages`` (name -> iterations) scaled proportionally to sum to ``total`` (rounding on the last stage)."""
+    names = list(stages)
+    base = sum(int(v) for v in stages.values())
+    if base <= 0:
+        raise ConfigError("iterations: the base config's train.iterations sum to 0; give a mapping instead")
+    out = {k: int(round(int(stages[k]) * total / base)) for k in names}
+    last = [k for k in names if int(stages[k]) > 0][-1]
+    out[last] = max(0, out[last] + total - sum(out.values()))
+    return out
+
+
+def apply_params(base: Config, params: Mapping[str, Any]) -> Config:
+    """A copy of ``base`` with the search-space ``params`` applied (see the module docstring), validated.
+
+    Raises :class:`wsi_ad.config.ConfigError` for a combination that makes no valid Config.
+    """
+    from wsi_ad.model.backbones import LAYER_NAMES
+    from wsi_ad.slide import magnification_to_mpp
+
+    data = copy.deepcopy(base.to_dict())
+    base_backbone = data["backbone"]["name"]
+    for name, value in params.items():
+        if name in _DEPENDENT:
+            continue
+        section, key = SHORT_KEYS[name] if name in SHORT_KEYS else str(name).split(".", 1)
+        data[section][key] = copy.deepcopy(value)
+    if data["backbone"]["name"] != base_backbone:
+        data["backbone"]["layers"] = None  # the base config's layer names belong to its own backbone
+    if "channels" in params:
+        value = params["channels"]
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value] * _levels(data["model"]["image_size"], data["model"]["latent_size"])
+        if not isinstance(value, list):
+            raise ConfigError(f"channels must be an int (every level) or a list of widths, got {value!r}")
+        data["model"]["channels"] = list(value)
+    if "iterations" in params:
+        value = params["iterations"]
+        if isinstance(value, Mapping):
+            data["train"]["iterations"] = {str(k): int(v) for k, v in value.items()}
+        elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            if data["train"]["progressive"]:
+                data["train"]["iterations"] = _scaled_iterations(data["train"]["iterations"], value)
+            else:
+                data["train"]["flat_iterations"] = value
+        else:
+            raise ConfigError(f"iterations must be a non-negative int (total) or a mapping of stage -> iterations, got {value!r}")
+    if "layer" in params:
+        value = params["layer"]
+        if isinstance(value, Mapping):
+            data["backbone"]["layers"] = {int(k): str(v) for k, v in value.items()}
+        else:
+            size = int(data["model"]["image_size"])
+            data["backbone"]["layers"] = {**(data["backbone"]["layers"] or {}), size: str(value)}
+    try:
+        config = Config.from_dict(data)
+    except (TypeError, ValueError) as exc:  # a value of the wrong type in a section
+        raise ConfigError(f"invalid value: {exc}") from exc
+    known = LAYER_NAMES.get(config.backbone.name)
+    if known is not None and config.backbone.layers:
+        bad = sorted({v for v in config.backbone.layers.values() if v not in known})
+        if bad:
+            raise ConfigError(f"backbone.layers: {bad} not layers of {config.backbone.name} (choose from {list(known)})")
+    try:
+        magnification_to_mpp(config.data.magnification)
+    except ValueError as exc:
+        raise ConfigError(f"data.magnification: {exc}") from exc
+    return config
+
+
+def candidate_id(config: Config) -> str:
+    """A short, stable id of what a config computes (its training identity; runtime keys left out)."""
+    from wsi_ad.config import training_identity
+
+    text = json.dumps(training_identity(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+# -- stores and folds -----------------------------------------------------------------------------------------
+
+def _is_store(path: Path) -> bool:
+    return path.is_dir() and (path.suffix == STORE_SUFFIX or (path / "zarr.json").is_file())
+
+
+def find_stores(paths: Iterable[str | os.PathLike], what: str = "normal") -> list[Path]:
+    """Slide stores named by ``paths``: stores themselves, or folders of ``*.zarr`` stores (the ``--out``
+    of ``wsi-ad process``). Duplicates (same resolved path) are dropped; order is kept."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise TuneError(f"{path}: no such store or folder ({what} slides)")
+        if _is_store(path):
+            found.append(path)
+        elif path.is_dir():
+            stores = sorted(p for p in path.iterdir() if p.suffix == STORE_SUFFIX and p.is_dir())
+            if not stores:
+                raise TuneError(f"{path}: no slide stores (*{STORE_SUFFIX}) found ({what} slides)")
+            found += stores
+        else:
+            raise TuneError(f"{path}: not a slide store or a folder of stores ({what} slides)")
+    unique, seen = [], set()
+    for path in found:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One split: train on ``train`` stores, validate on the normal tiles of ``validation`` stores."""
+
+    index: int
+    train: tuple[Path, ...]
+    validation: tuple[Path, ...]
+
+
+def slide_folds(normal_stores: Sequence[str | os.PathLike], k: int = 3, seed: int = 0) -> list[Fold]:
+    """K folds split by slide: each store (one slide) is in exactly one fold's ``validation`` and in the
+    ``train`` of every other fold. Stores are shuffled with ``seed`` and dealt into K groups of sizes
+    differing by at most one. With fewer slides than ``k``, K is reduced to the number of slides (leave
+    one slide out; compare ``len(result)`` with ``k``); fewer than two slides is a :class:`TuneError`.
+    """
+    stores = [Path(p) for p in normal_stores]
+    if len({p.resolve() for p in stores}) != len(stores):
+        raise TuneError("the normal stores list the same store more than once")
+    if k < 2:
+        raise TuneError(f"folds must be >= 2, got {k}")
+    if len(stores) < 2:
+        raise TuneError(f"cross-validation by slide needs at least 2 normal slide stores, got {len(stores)}")
+    k = min(k, len(stores))
+    order = np.random.default_rng(seed).permutation(len(stores))
+    groups = [sorted(int(i) for i in part) for part in np.array_split(order, k)]
+    folds = []
+    for index, group in enumerate(groups):
+        validation = tuple(stores[i] for i in group)
+        train = tuple(stores[i] for i in range(len(stores)) if i not in set(group))
+        folds.append(Fold(index, train, validation))
+    return folds
+
+
+def slide_identity(store: str | os.PathLike) -> set[str]:
+    """What identifies the slide behind a store: its resolved path, and (when it opens as a slide store)
+    its slide id and its source file's path. Two stores sharing any of these hold the same slide."""
+    path = Path(store)
+    keys = {f"store:{path.resolve()}"}
+    try:
+        attrs = SlideStore.open(path).root.attrs
+    except StoreError:
+        return keys
+    if attrs.get("slide_id"):
+        keys.add(f"slide_id:{attrs['slide_id']}")
+    source = attrs.get("source") or {}
+    if source.get("path"):
+        keys.add(f"source:{source['path']}")
+    return keys
+
+
+def check_disjoint(train: Sequence[str | os.PathLike], validation: Sequence[str | os.PathLike],
+                   what: str = "validation", against: str = "training") -> None:
+    """Refuse a split whose ``validation`` stores share a slide with the ``train`` stores (by store path,
+    slide id or source file): :class:`FoldLeakError` naming both. Scoring held-out tiles of a slide the
+    model was trained on inflates its AUC."""
+    if not validation:
+        raise FoldLeakError(f"the {what} set is empty")
+    owners: dict[str, Path] = {}
+    for store in train:
+        for key in slide_identity(store):
+            owners[key] = Path(store)
+    for store in validation:
+        shared = sorted(key for key in slide_identity(store) if key in owners)
+        if shared:
+            raise FoldLeakError(f"{what} store {store} shares a slide with {against} store {owners[shared[0]]} "
+                                f"({shared[0]}): the {what} tiles must come from slides never trained on")
+
+
+# -- tiles ----------------------------------------------------------------------------------------------------
+
+def _slide_id(store: Path) -> str:
+    try:
+        return str(SlideStore.open(store).root.attrs.get("slide_id") or store.stem)
+    except StoreError:
+        return store.stem
+
+
+def _tiles_group(store: Path):
+    try:
+        return SlideStore.open(store).require("tiles")
+    except StoreError as exc:
+        raise TuneError(str(exc)) from exc
+
+
+def _tile_count(store: Path) -> int:
+    return int(_tiles_group(store)["coords"].shape[0])
+
+
+def read_tiles(store: str | os.PathLike, indices: np.ndarray, magnification: str, size: int) -> np.ndarray:
+    """Tiles ``indices`` (sorted) of a store's ``tiles/<magnification>``, centre-cropped to ``size`` px:
+    (n, size, size, 3) uint8."""
+    array = _tiles_group(Path(store))[magnification]
+    indices = np.asarray(indices, dtype=np.int64)
+    if len(indices) == 0:
+        return np.zeros((0, size, size, 3), np.uint8)
+    tiles = np.asarray(array.oindex[indices])
+    off = (tiles.shape[1] - size) // 2
+    return np.ascontiguousarray(tiles[:, off : off + size, off : off + size])
+
+
+def _sample(pool: list[tuple[int, int]], limit: int | None, rng: np.random.Generator) -> list[tuple[int, int]]:
+    if limit is not None and len(pool) > limit:
+        keep = np.sort(rng.choice(len(pool), size=limit, replace=False))
+        pool = [pool[i] for i in keep]
+    return pool
+
+
+def _by_store(picks: list[tuple[int, int]], n_stores: int) -> list[np.ndarray]:
+    out = [[] for _ in range(n_stores)]
+    for s, i in picks:
+        out[s].append(i)
+    return [np.asarray(sorted(v), dtype=np.int64) for v in out]
+
+
+@dataclass
+class TileSample:
+    """A fixed selection of tiles: ``indices[i]`` are tile indices (sorted) of ``stores[i]``."""
+
+    stores: list[Path]
+    indices: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return int(sum(len(i) for i in self.indices))
+
+    def key(self) -> str:
+        text = json.dumps([[str(s.resolve()), i.tolist()] for s, i in zip(self.stores, self.indices, strict=True)])
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+    def tiles(self, magnification: str, size: int) -> np.ndarray:
+        parts = [read_tiles(s, i, magnification, size) for s, i in zip(self.stores, self.indices, strict=True) if len(i)]
+        return np.concatenate(parts) if parts else np.zeros((0, size, size, 3), np.uint8)
+
+
+def normal_sample(stores: Sequence[Path], max_tiles: int | None, seed: int) -> TileSample:
+    """A seeded sample of at most ``max_tiles`` tiles (None: all) of the ``stores``, pooled."""
+    stores = list(stores)
+    pool = [(s, i) for s, store in enumerate(stores) for i in range(_tile_count(store))]
+    picks = _sample(pool, max_tiles, np.random.default_rng([int(seed), 1]))
+    return TileSample(stores, _by_store(picks, len(stores)))
+
+
+@dataclass
+class AnomalySelection:
+    """The validation anomalies: tumour tiles of annotated tumour slides. ``summary`` per store: slide id,
+    path, annotation file, tiles, tumour tiles (entirely inside the tumour polygons), selected."""
+
+    sample: TileSample
+    summary: list[dict]
+
+
+def anomaly_tiles(tumor_stores: Sequence[str | os.PathLike], annotations_dir: str | os.PathLike,
+                  max_tiles: int | None = 64, seed: int = 0) -> AnomalySelection:
+    """Select the validation anomalies: the tiles of ``tumor_stores`` whose whole level-0 footprint lies
+    inside the tumour polygons of ``annotations_dir/<slide_id>.xml`` (ASAP XML; label 1 of
+    :func:`wsi_ad.metrics.tile_labels` with ``min_tumor_overlap=1.0``), a seeded sample of at most
+    ``max_tiles`` of them pooled over the stores (None: all)."""
+    from wsi_ad.annotations import read_asap_xml
+    from wsi_ad.metrics import tile_labels
+
+    stores = [Path(p) for p in tumor_stores]
+    if not stores:
+        raise TuneError("no anomaly (tumour) stores given")
+    annotations_dir = Path(annotations_dir)
+    if not annotations_dir.is_dir():
+        raise TuneError(f"{annotations_dir}: annotations folder not found (ASAP XML <slide_id>.xml files)")
+    pool: list[tuple[int, int]] = []
+    summary = []
+    for s, store in enumerate(stores):
+        slide_id = _slide_id(store)
+        xml = annotations_dir / f"{slide_id}.xml"
+        if not xml.is_file():
+            raise TuneError(f"{xml}: no annotation file for tumour slide {slide_id} ({store})")
+        tiles = _tiles_group(store)
+        coords = np.asarray(tiles["coords"][:])
+        geometry = dict(tiles.attrs.get("geometry") or {})
+        if "tile0" not in geometry:
+            raise TuneError(f"{store}: tiles have no geometry.tile0 attribute (footprint in level-0 px)")
+        labels = tile_labels(coords, tuple(geometry["tile0"]), read_asap_xml(xml), min_tumor_overlap=1.0)
+        tumor = np.flatnonzero(labels == 1)
+        pool += [(s, int(i)) for i in tumor]
+        summary.append({"slide_id": slide_id, "store": str(store), "annotations": str(xml), "tiles": int(len(coords)),
+                        "tumor_tiles": int(len(tumor))})
+    if not pool:
+        raise TuneError("no tile of the tumour stores lies entirely inside a tumour annotation: "
+                        + ", ".join(f"{d['slide_id']} ({d['tiles']} tiles)" for d in summary))
+    picks = _sample(pool, max_tiles, np.random.default_rng([int(seed), 2]))
+    sample = TileSample(stores, _by_store(picks, len(stores)))
+    for entry, idx in zip(summary, sample.indices, strict=True):
+        entry["selected"] = int(len(idx))
+    return AnomalySelection(sample, summary)
+
+
+def _has_magnification(stores: Iterable[Path], magnification: str, size: int) -> str | None:
+    """None when every store has ``tiles/<magnification>`` of at least ``size`` px, else the reason."""
+    missing, small = [], []
+    for store in stores:
+        tiles = _tiles_group(store)
+        if magnification not in tiles:
+            missing.append(store.name)
+        elif tiles[magnification].shape[1] < size:
+            small.append(f"{store.name} ({tiles[magnification].shape[1]} px)")
+    if missing:
+        return f"tiles/{magnification} missing in {len(missing)} store(s): {', '.join(missing[:5])}"
+    if small:
+        return f"tiles/{magnification} smaller than the model input {size} px in {', '.join(small[:5])}"
+    return None
+
+
+# -- the search -----------------------------------------------------------------------------------------------
+
+def _hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:12]
+
+
+@dataclass
+class TuneResult:
+    """What :func:`tune` produced. ``candidates``: one record per candidate (as in ``tune_results.json``);
+    ``best``: the winner's record (None when no candidate could be evaluated)."""
+
+    out: Path
+    results_path: Path
+    best_config_path: Path | None
+    candidates: list[dict]
+    best: dict | None
+    folds: list[Fold]
+    notes: list[str] = field(default_factory=list)
+
+
+def evaluate_fold(config: Config, fold: Fold, normals: TileSample, anomalies: TileSample, run_dir: Path, *,
+                  device: str | None = None) -> dict:
+    """Train ``config`` on ``fold.train`` (checkpoint under ``run_dir``, resumed when present) and score the
+    held-out normals and the anomalies; returns the fold record (AUC, seconds, counts). A finished fold
+    whose record matches (same config, slides and tile samples) is returned as it was, with ``reused``."""
+    from sklearn.metrics import roc_auc_score
+
+    from wsi_ad.model import load_scorer, train
+
+    # The leak of the official DPA code: never validate on tiles of the training slides.
+    check_disjoint(fold.train, fold.validation)
+    check_disjoint(fold.train, normals.stores)
+    check_disjoint(fold.train, anomalies.stores, what="anomaly")
+    outside = {p.resolve() for p in normals.stores} - {p.resolve() for p in fold.validation}
+    if outside:
+        raise FoldLeakError(f"normal validation tiles drawn from stores outside fold {fold.index}'s validation "
+                            f"stores: {sorted(map(str, outside))}")
+    run_config = copy.deepcopy(config)
+    if device is not None:
+        run_config.train.device = device
+    train_key = _hash([str(p.resolve()) for p in fold.train])
+    key = {"candidate": candidate_id(config), "train": [str(p.resolve()) for p in fold.train],
+           "validation": [str(p.resolve()) for p in fold.validation], "normals": normals.key(),
+           "anomalies": anomalies.key()}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = run_dir / f"fold{fold.index}-{train_key}.pt"
+    record_path = checkpoint.with_suffix(".json")
+    if record_path.is_file() and checkpoint.is_file():
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = None
+        if record and record.get("key") == key:
+            return {**record, "reused": True}
+
+    t0 = time.perf_counter()
+    trained = train(list(fold.train), checkpoint, run_config, progress=False, echo=lambda *a: None)
+    train_seconds = time.perf_counter() - t0
+    if not trained.complete:
+        raise TuneError(f"{checkpoint}: training did not complete")
+    t1 = time.perf_counter()
+    from wsi_ad.model.trainer import select_device
+
+    scorer = load_scorer(checkpoint, device=select_device(run_config.train.device))
+    size, mag = config.model.image_size, config.data.magnification
+    normal_scores = scorer.score(normals.tiles(mag, size))
+    anomaly_scores = scorer.score(anomalies.tiles(mag, size))
+    labels = np.r_[np.zeros(len(normal_scores), np.int8), np.ones(len(anomaly_scores), np.int8)]
+    scores = np.r_[normal_scores, anomaly_scores]
+    if not np.isfinite(scores).all():
+        raise TuneError(f"{checkpoint}: non-finite anomaly scores (diverged training?)")
+    auc = float(roc_auc_score(labels, scores))
+    score_seconds = time.perf_counter() - t1
+    record = {
+        "fold": fold.index, "auc": auc, "n_normal": int(len(normal_scores)), "n_anomaly": int(len(anomaly_scores)),
+        "normal_score_median": float(np.median(normal_scores)), "anomaly_score_median": float(np.median(anomaly_scores)),
+        "train_seconds": round(train_seconds, 2), "score_seconds": round(score_seconds, 2),
+        "seconds": round(train_seconds + score_seconds, 2), "iterations": trained.iterations,
+        "final_loss": trained.final_loss, "checkpoint": str(checkpoint),
+        "train_slides": [_slide_id(p) for p in fold.train], "validation_slides": [_slide_id(p) for p in fold.validation],
+        "key": key,
+    }
+    write_text_atomic(record_path, json.dumps(record, indent=2))
+    return {**record, "reused": False}
+
+
+def tune(
+    normal_stores: Sequence[str | os.PathLike],
+    anomaly_stores: Sequence[str | os.PathLike],
+    annotations_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    base_config: Config | None = None,
+    space: SearchSpace | None = None,
+    folds: int = 3,
+    max_candidates: int | None = None,
+    max_anomaly_tiles: int | None = 64,
+    max_normal_tiles: int | None = 4096,
+    seed: int = 0,
+    device: str | None = None,
+    echo: Callable[[str], None] = print,
+) -> TuneResult:
+    """Weakly-supervised hyperparameter search (see the module docstring); writes ``out/tune_results.json``
+    and ``out/best_config.yaml``.
+
+    ``normal_stores`` / ``anomaly_stores``: slide stores or folders of stores (one store per slide);
+    ``annotations_dir``: ASAP XML ``<slide_id>.xml`` of the tumour slides; ``base_config``: what the
+    candidates change (default: the paper's :class:`Config`); ``space``: default :data:`DEFAULT_SPACE`;
+    ``folds``: K of the slide-wise cross-validation; ``max_candidates``: overrides the space's;
+    ``max_anomaly_tiles`` / ``max_normal_tiles``: caps of the validation tiles (anomalies in all, normals
+    per fold; None: no cap); ``seed``: folds (of the stores sorted by slide id, so the argument order does
+    not matter), tile samples and random search; ``device``: auto / cpu /
+    cuda for training and scoring (a runtime setting: not written into ``best_config.yaml``).
+    """
+    out = Path(out)
+    base_config = base_config or Config()
+    base_config.validate()
+    space = space or load_space()
+    if device is not None:
+        if device not in ("auto", "cpu", "cuda"):
+            raise TuneError(f"device must be auto, cpu or cuda, got {device!r}")
+        from wsi_ad.model.trainer import select_device
+
+        select_device(device)  # cuda asked for but absent: say so now, not once per candidate
+    for name, value in (("max_anomaly_tiles", max_anomaly_tiles), ("max_normal_tiles", max_normal_tiles)):
+        if value is not None and value < 1:
+            raise TuneError(f"{name} must be >= 1, got {value}")
+    normals = find_stores(normal_stores, "normal")
+    tumors = find_stores(anomaly_stores, "anomaly")
+    for store in normals + tumors:
+        _tiles_group(store)  # every store must have been tiled
+    normals.sort(key=lambda p: (_slide_id(p), str(p.resolve())))  # folds do not depend on the argument order
+    check_disjoint(normals, tumors, what="anomaly", against="normal")
+    notes: list[str] = []
+    fold_list = slide_folds(normals, folds, seed)
+    if len(fold_list) < folds:
+        notes.append(f"{len(normals)} normal slides: folds reduced from {folds} to {len(fold_list)} (leave one slide out)")
+        echo("note: " + notes[-1])
+    anomalies = anomaly_tiles(tumors, annotations_dir, max_anomaly_tiles, seed)
+    normal_samples = [normal_sample(f.validation, max_normal_tiles, seed * 1000 + f.index) for f in fold_list]
+    echo(f"{len(normals)} normal slides in {len(fold_list)} folds; {len(anomalies.sample)} anomaly tiles from "
+         f"{len(tumors)} tumour slide(s) ({sum(d['tumor_tiles'] for d in anomalies.summary)} tumour tiles there)")
+
+    assignments = space.candidates(max_candidates, None)
+    results_path = out / RESULTS_NAME
+    best_path = out / BEST_CONFIG_NAME
+    out.mkdir(parents=True, exist_ok=True)
+    records: list[dict] = []
+    configs: dict[str, Config] = {}
+    settings = {
+        "normal_stores": [str(p) for p in normals], "anomaly_stores": [str(p) for p in tumors],
+        "annotations": str(annotations_dir), "folds_requested": folds, "folds": len(fold_list), "seed": seed,
+        "max_candidates": max_candidates if max_candidates is not None else space.max_candidates,
+        "max_anomaly_tiles": max_anomaly_tiles, "max_normal_tiles": max_normal_tiles, "device": device,
+        "space": space.to_dict(), "base_config": base_config.to_dict(),
+    }
+    fold_info = [{"fold": f.index, "train": [_slide_id(p) for p in f.train],
+                  "validation": [_slide_id(p) for p in f.validation], "normal_tiles": len(s)}
+                 for f, s in zip(fold_list, normal_samples, strict=True)]
+
+    def save(best: dict | None) -> None:
+        document = {"wsi_ad_version": __version__, "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "settings": settings, "notes": notes, "folds": fold_info,
+                    "anomalies": {"tiles": len(anomalies.sample), "stores": anomalies.summary},
+                    "candidates": records, "best": best}
+        write_text_atomic(results_path, json.dumps(document, indent=2, default=str))
+
+    for number, params in enumerate(assignments):
+        record: dict[str, Any] = {"index": number, "params": params, "status": "ok", "reason": None, "id": None,
+                                  "auc_mean": None, "auc_std": None, "seconds": 0.0, "folds": []}
+        records.append(record)
+        label = f"candidate {number + 1}/{len(assignments)} {json.dumps(params, default=str)}"
+        try:
+            config = apply_params(base_config, params)
+        except ConfigError as exc:
+            record.update(status="skipped", reason=f"invalid configuration: {exc}")
+            echo(f"{label}: skipped ({record['reason']})")
+            save(None)
+            continue
+        cid = record["id"] = candidate_id(config)
+        twin = next((r for r in records[:-1] if r["id"] == cid), None)
+        if twin is not None:
+            record.update(status="skipped", reason=f"same configuration as candidate {twin['index'] + 1}")
+            echo(f"{label}: skipped ({record['reason']})")
+            save(None)
+            continue
+        reason = _has_magnification(normals + tumors, config.data.magnification, config.model.image_size)
+        if reason:
+            record.update(status="skipped", reason=reason)
+            echo(f"{label}: skipped ({reason})")
+            save(None)
+            continue
+        configs[cid] = config
+        run_dir = out / RUNS_DIR / cid
+        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        try:
+            for fold, normals_f in zip(fold_list, normal_samples, strict=True):
+                result = evaluate_fold(config, fold, normals_f, anomalies.sample, run_dir, device=device)
+                result.pop("key", None)
+                record["folds"].append(result)
+                record["seconds"] = round(sum(f["seconds"] for f in record["folds"]), 2)
+                echo(f"{label} fold {fold.index + 1}/{len(fold_list)}: AUC {result['auc']:.3f} "
+                     f"({result['seconds']:.1f} s{', reused' if result['reused'] else ''})")
+                save(None)
+        except FoldLeakError:
+            raise
+        except WsiAdError as exc:
+            record.update(status="failed", reason=str(exc))
+            echo(f"{label}: failed ({exc})")
+            save(None)
+            continue
+        aucs = np.array([f["auc"] for f in record["folds"]])
+        record["aucs"] = [float(a) for a in aucs]
+        record["auc_mean"], record["auc_std"] = float(aucs.mean()), float(aucs.std())
+        save(None)
+
+    done = [r for r in records if r["status"] == "ok"]
+    if not done:
+        save(None)
+        reasons = "; ".join(f"{r['index'] + 1}: {r['reason']}" for r in records)
+        raise TuneError(f"no candidate could be evaluated ({reasons}); see {results_path}")
+    winner = max(done, key=lambda r: (r["auc_mean"], -r["auc_std"], -r["seconds"], -r["index"]))
+    best = {"index": winner["index"], "id": winner["id"], "params": winner["params"], "auc_mean": winner["auc_mean"],
+            "auc_std": winner["auc_std"], "config": str(best_path)}
+    write_best_config(best_path, configs[winner["id"]], winner, len(fold_list))
+    save(best)
+    return TuneResult(out, results_path, best_path, records, best, fold_list, notes)
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """Block-style sections, flow-style lists and layer maps (``channels: [8, 8, 8]``), as the configs/ files."""
+
+
+_ConfigDumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
+def write_best_config(path: str | os.PathLike, config: Config, record: Mapping[str, Any], n_folds: int) -> Path:
+    """Write ``config`` as a full Config YAML (what ``wsi-ad train --config`` reads), with a header saying
+    where it comes from."""
+    params = json.dumps(record["params"], default=str)
+    header = (f"# Chosen by wsi-ad tune (weakly-supervised selection, {n_folds}-fold cross-validation by slide):\n"
+              f"#   candidate {record['index'] + 1} ({record['id']}): {params}\n"
+              f"#   tile AUC, validation anomalies vs held-out normal slides: "
+              f"{record['auc_mean']:.4f} +- {record['auc_std']:.4f}\n"
+              "# Train the final model on all normal slides with:\n"
+              f"#   wsi-ad train NORMAL_STORES... --out model.pt --config {Path(path).name}\n")
+    body = yaml.dump(config.to_dict(), Dumper=_ConfigDumper, sort_keys=False, default_flow_style=False, width=120)
+    Config.from_dict(yaml.safe_load(body))  # what we write must read back
+    return write_text_atomic(path, header + body)
