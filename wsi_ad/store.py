@@ -12,6 +12,11 @@ Atomicity and resume:
   complete, and only then recorded as complete in the root attributes (``stages``), together with the
   hash of the configuration that produced it. A run killed at any point leaves either the previous
   complete stage or an unmarked one, which the next run recomputes;
+* a long stage that must survive a kill part-way (scoring) is instead written in place, piece by piece,
+  into its own group (:meth:`SlideStore.resumable_stage`): the group carries the key (configuration hash,
+  chunk layout) its pieces were made with and the stage records which pieces are done; a re-run with the
+  same key continues from the first unfinished piece, another key starts it afresh. It too is marked
+  complete (:meth:`SlideStore.mark_complete`) only when every piece is there;
 * a stage whose recorded configuration hash equals the requested one is skipped; a changed
   configuration recomputes it. A changed source file (size or mtime) invalidates every stage.
 
@@ -158,6 +163,51 @@ class SlideStore:
             "seconds": round(time.perf_counter() - started, 3),
             **marker,
         })
+
+    def resumable_stage(self, stage: str, resume_key: Mapping[str, Any]) -> tuple[zarr.Group, bool]:
+        """Open a stage's group for resumable, piece-by-piece writing in place (unlike :meth:`write_stage`).
+
+        The stage's completion mark is withdrawn first. When the stage's group already exists and its
+        ``resume_key`` attribute equals ``resume_key`` (a JSON-serializable mapping: the configuration
+        hash and whatever else must match to continue, e.g. the chunk layout), it is returned as it is,
+        with what a previous, interrupted run wrote into it; zarr's temporary ``*.partial`` chunk files
+        a killed writer left behind are removed. Otherwise the group is replaced by an empty one carrying
+        ``resume_key``. Returns ``(group, resumed)``. The caller records its own progress inside the
+        group (e.g. a per-chunk done flag written after each chunk) and calls :meth:`mark_complete` at
+        the end.
+        """
+        self._set_stage_marker(stage, None)
+        key = json.loads(json.dumps(dict(resume_key), sort_keys=True, default=str))
+        final = self.path / stage
+        if final.is_dir():
+            try:
+                existing = zarr.open_group(final, mode="r+")
+                same = dict(existing.attrs).get("resume_key") == key
+            except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, KeyError):
+                same = False
+            if same:
+                for leftover in final.rglob("*.partial"):
+                    with contextlib.suppress(OSError):
+                        leftover.unlink()
+                return existing, True
+            shutil.rmtree(final)
+        self._ensure_parent_groups(stage)
+        group = self.root.create_group(stage, overwrite=True)
+        group.attrs["resume_key"] = key
+        return group, False
+
+    def mark_complete(self, stage: str, config_hash_: str, *, started: float | None = None, **marker: Any) -> None:
+        """Record ``stage`` (whose group must exist) as complete with ``config_hash_`` and ``marker`` (extra
+        JSON-serializable facts), plus ``completed_at`` and, when ``started`` (a ``time.perf_counter()``
+        value) is given, the ``seconds`` since then. For stages written with :meth:`resumable_stage`;
+        :meth:`write_stage` marks its stages itself."""
+        if not (self.path / stage).is_dir():
+            raise StoreError(f"{self.path}: cannot mark stage '{stage}' complete: its group does not exist")
+        info: dict[str, Any] = {"config_hash": config_hash_, "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if started is not None:
+            info["seconds"] = round(time.perf_counter() - started, 3)
+        info.update(marker)
+        self._set_stage_marker(stage, info)
 
     def invalidate(self, stage: str) -> None:
         """Withdraw a stage's completion mark, so that the next run recomputes it."""
