@@ -14,18 +14,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipelines.evaluate import add_evaluate_arguments
+from pipelines.score import add_score_arguments, run_score
 from pipelines.train import add_train_arguments, run_train
+from pipelines.tune import add_tune_arguments, run_tune
 from wsi_ad import __version__
 from wsi_ad.errors import WsiAdError
 
 log = logging.getLogger("wsi_ad")
 
-#: Subcommands whose implementation lands with a later issue: name -> (help, issue number).
-_NOT_YET = {
-    "score": ("score every tile of slide stores with a trained model", 6),
-    "evaluate": ("Camelyon16 and tile-folder evaluation (slide AUC, tile AUC, FROC)", 8),
-    "tune": ("weakly-supervised hyperparameter selection", 8),
-}
 
 
 def _positive_int(text: str) -> int:
@@ -93,30 +90,46 @@ def build_parser() -> argparse.ArgumentParser:
                               "level-0 region of a slide (default: the shipped H&E reference)")
     process.add_argument("--export-h5", action="store_true",
                          help="also write CLAM-style <out>/h5/<slide_id>.h5 with the level-0 tile coordinates")
-    process.add_argument("--model", help="score tiles with a trained model (not available yet: issue 6)")
+    process.add_argument("--model", type=Path, help="checkpoint of `wsi-ad train`: also score every tile, make "
+                                                     "heatmaps, slide scores and overlays")
+    process.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                         help="where tiles are scored (default: %(default)s, a GPU worker when there is one)")
+    process.add_argument("--batch-size", type=int, help="tiles per scoring batch (default: 64 on the CPU, 256 on CUDA)")
+    process.add_argument("--backbone-weights", type=Path, help="backbone weight file, for checkpoints whose "
+                                                               "backbone has no installed weights (vgg19)")
+    process.add_argument("--annotations", type=Path, metavar="DIR",
+                         help="folder of <slide_id>.xml ASAP annotations to outline on the overlays")
+    process.add_argument("--labels", type=Path, metavar="CSV",
+                         help="slide labels (Camelyon16 reference.csv format): ROC curve and AUC in the report")
+    process.add_argument("--scheduler", metavar="ADDRESS",
+                         help="run on an existing dask.distributed cluster (e.g. tcp://10.0.0.5:8786) instead "
+                              "of a local one; workers must see the same paths")
+    process.add_argument("--workers", type=int, help="local cluster: worker processes (default: one per core)")
+    process.add_argument("--threads-per-worker", type=int, help="local cluster: threads per worker (default: 1)")
+    process.add_argument("--fail-fast", action="store_true", help="stop at the first slide that fails")
     process.set_defaults(handler=_cmd_process)
 
     train = sub.add_parser("train", help="train a deep perceptual autoencoder on normal tiles")
     add_train_arguments(train)
     train.set_defaults(handler=run_train)
 
+    score = sub.add_parser("score", help="score every tile of slide stores (or tile folders) with a trained model")
+    add_score_arguments(score)
+    score.set_defaults(handler=run_score)
+
+    tune = sub.add_parser("tune", help="weakly-supervised hyperparameter selection (a few anomalies of one kind)")
+    add_tune_arguments(tune)
+    tune.set_defaults(handler=run_tune)
+
+    evaluate = sub.add_parser("evaluate", help="Camelyon16 protocol (slide AUC, tile AUC, FROC) or tile-folder AUC")
+    add_evaluate_arguments(evaluate)
+
     info = sub.add_parser("info", help="print a slide's resolution, levels and where its µm/px came from")
     info.add_argument("slides", type=Path, nargs="+", help="slide files")
     info.add_argument("--mpp", type=_mpp, help="level-0 µm/px, overriding the file's metadata")
     info.set_defaults(handler=_cmd_info)
 
-    for name, (help_text, issue) in _NOT_YET.items():
-        stub = sub.add_parser(name, help=f"{help_text} (not available yet)")
-        stub.add_argument("args", nargs=argparse.REMAINDER)
-        stub.set_defaults(handler=_not_yet(name, issue))
     return parser
-
-
-def _not_yet(name: str, issue: int):
-    def handler(args: argparse.Namespace) -> int:
-        print(f"wsi-ad {name}: not available yet (it lands with issue {issue})", file=sys.stderr)
-        return 2
-    return handler
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -129,15 +142,12 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_process(args: argparse.Namespace) -> int:
-    from pipelines.process import process_paths
+    from pipelines.process import BatchConfig, run_batch
     from wsi_ad.preprocess import PreprocessConfig
     from wsi_ad.stain import DEFAULT_TARGET, StainParams
     from wsi_ad.tiling import TilingParams, parse_magnifications
     from wsi_ad.tissue import TissueParams
 
-    if args.model:
-        print("wsi-ad process: --model is not available yet (it lands with issue 6)", file=sys.stderr)
-        return 2
     try:
         stain_target = _stain_target(args.stain_target) if args.stain_target and not args.no_stain_norm else None
         config = PreprocessConfig(
@@ -150,8 +160,41 @@ def _cmd_process(args: argparse.Namespace) -> int:
             stain_target=stain_target or DEFAULT_TARGET)
     except ValueError as exc:
         raise WsiAdError(f"bad settings: {exc}") from exc
-    results = process_paths(args.slides, args.out, config, mpp=args.mpp, export_h5=args.export_h5)
-    return 1 if any(r["status"] == "failed" for r in results) else 0
+    if args.model is not None:
+        config = _tiling_for_model(args.model, config)
+    for flag, path in (("--annotations", args.annotations), ("--labels", args.labels)):
+        if path is not None and not path.exists():
+            raise WsiAdError(f"{flag} {path}: not found")
+    batch = BatchConfig(preprocess=config, mpp=args.mpp, export_h5=args.export_h5, model=args.model,
+                        device=args.device, batch_size=args.batch_size,
+                        backbone_weights=str(args.backbone_weights) if args.backbone_weights else None,
+                        annotations_dir=args.annotations, labels=args.labels, fail_fast=args.fail_fast)
+    result = run_batch(args.slides, args.out, batch, scheduler=args.scheduler, workers=args.workers,
+                       threads_per_worker=args.threads_per_worker)
+    if result.metrics and result.metrics.get("auc") is not None:
+        print(f"slide-level ROC AUC {result.metrics['auc']:.3f}")
+    return 1 if result.n_failed else 0
+
+
+def _tiling_for_model(model: Path, config):
+    """The preprocessing settings with the model's magnification added, checked against its tile size."""
+    import dataclasses
+
+    from wsi_ad.config import Config
+    from wsi_ad.model import load_checkpoint
+    from wsi_ad.slide import magnification_to_mpp
+
+    trained = Config.from_dict(load_checkpoint(model)["config"])     # CheckpointError (a WsiAdError) if unusable
+    tiling = config.tiling
+    magnification, size = trained.data.magnification, trained.model.image_size
+    if magnification not in tiling.magnifications:
+        tiling = dataclasses.replace(tiling, magnifications=(*tiling.magnifications, magnification))
+    coarsest = max(tiling.magnifications, key=magnification_to_mpp)
+    tile_px = round(tiling.tile_px * magnification_to_mpp(coarsest) / magnification_to_mpp(magnification))
+    if tiling.tile_um is None and tile_px != size:
+        raise WsiAdError(f"--model {model} scores {size} px tiles at {magnification}, but the tiling makes "
+                         f"{tile_px} px tiles there; use --tile-px {size} (at {coarsest})")
+    return dataclasses.replace(config, tiling=tiling)
 
 
 def _stain_target(spec: str):

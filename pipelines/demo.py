@@ -1,109 +1,102 @@
-"""``wsi-ad demo``: the main job on an embedded default, a small synthetic Camelyon16-like dataset.
+"""``wsi-ad demo``: the main job end to end on an embedded default, a small synthetic Camelyon16-like dataset.
 
-What it runs grows with the pipeline. Today: synthesize the dataset, preprocess every slide exactly as
-``wsi-ad process`` does (tissue mask, 64 px tiles at 10x into ``<out>/stores/<slide_id>.zarr``), parse
-every lesion annotation, and write a thumbnail per slide with its tumour outlines drawn, plus
-``summary.json``.
+1. synthesize the dataset in the official layout (``OUT/data``: training normal/tumour slides, testing
+   slides, ASAP XML, ``reference.csv``);
+2. preprocess the normal training slides (tissue mask, stain normalization, 64 px tiles at 10x) on a local
+   Dask cluster (``OUT/train_stores``);
+3. train a small Deep Perceptual Autoencoder on their tiles (``configs/demo_cpu.yaml``: the offline
+   efficientnet_lite0 backbone, about a minute on 2 CPU cores) → ``OUT/model.pt``;
+4. run ``wsi-ad process`` on the testing slides with that model, the lesion annotations and the reference
+   labels → ``OUT/run``: stores, heatmaps, overlays, ``report.html`` with the slide-level ROC AUC.
+
+Every step resumes: a second ``wsi-ad demo --out`` on the same folder reuses what is there.
 """
 
 from __future__ import annotations
 
 import json
-import logging
+import shutil
 import time
 from pathlib import Path
 
-import numpy as np
-from skimage.draw import polygon_perimeter
-
-from pipelines.process import process_paths
-from wsi_ad.annotations import read_asap_xml
-from wsi_ad.atomic import write_png_atomic, write_text_atomic
-from wsi_ad.preprocess import PreprocessConfig
-from wsi_ad.slide import open_slide
+from pipelines.process import BatchConfig, run_batch
+from wsi_ad.atomic import write_text_atomic
+from wsi_ad.config import Config
+from wsi_ad.errors import WsiAdError
 from wsi_ad.synth import synthesize_dataset
-
-log = logging.getLogger(__name__)
 
 #: Demo dataset size: small enough for a 2-core laptop, big enough to hold 4+ pyramid levels.
 DEMO_SLIDE_SIZE_PX = 12288
-#: Resolution of the demo thumbnails (µm/px).
-THUMBNAIL_MPP = 16.0
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml"
 
 
-def run_demo(out: str | Path, *, seed: int = 0) -> dict:
-    """Synthesize the demo dataset under ``out/data`` and write ``out/summary.json`` and thumbnails.
+def demo_config() -> Config:
+    """The demo's model/training configuration (``configs/demo_cpu.yaml``, or its copy in the package)."""
+    if DEMO_CONFIG.exists():
+        return Config.from_yaml(DEMO_CONFIG)
+    raise WsiAdError(f"{DEMO_CONFIG}: the demo configuration is missing (run the demo from a source checkout)")
 
-    Returns the summary (also written to disk).
-    """
+
+def run_demo(out: str | Path, *, seed: int = 0, workers: int | None = None, echo=print) -> dict:
+    """Run the demo into ``out``; returns the summary also written to ``out/summary.json``."""
+    from wsi_ad.model import train
+
     out = Path(out)
     started = time.perf_counter()
-    data_dir = out / "data"
-    print(f"Synthesizing a Camelyon16-like dataset in {data_dir} ...", flush=True)
-    synthesize_dataset(data_dir, n_normal=2, n_tumor=2, n_test=2, size_px=DEMO_SLIDE_SIZE_PX, seed=seed)
-    synth_s = time.perf_counter() - started
+    data = out / "data"
+    recipe = {"n_normal": 2, "n_tumor": 1, "n_test": 4, "size_px": DEMO_SLIDE_SIZE_PX, "seed": seed}
+    stamp = data / "demo_dataset.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == recipe:
+        echo(f"1/4 Reusing the synthetic dataset in {data}")
+    else:
+        echo(f"1/4 Synthesizing a Camelyon16-like dataset in {data} ...")
+        for stale in (data, out / "train_stores", out / "run"):     # another recipe, or an interrupted one:
+            shutil.rmtree(stale, ignore_errors=True)                 # everything made from it starts afresh
+        for stale in out.glob("model.*"):
+            stale.unlink()
+        synthesize_dataset(data, **recipe)
+        write_text_atomic(stamp, json.dumps(recipe))
+    timings = {"synth": time.perf_counter() - started}
 
-    slide_paths = sorted(data_dir.glob("*/*/*.tif"))
-    print(f"Masking tissue and tiling {len(slide_paths)} slides into {out / 'stores'} ...", flush=True)
-    processed = {r["slide_id"]: r for r in process_paths(slide_paths, out / "stores", PreprocessConfig())}
-    rows = []
-    for slide_path in slide_paths:
-        xml = _annotation_for(slide_path)
-        annotations = read_asap_xml(xml) if xml else []
-        with open_slide(slide_path) as slide:
-            thumbnail = slide.thumbnail(THUMBNAIL_MPP)
-            level0_per_thumb_px = THUMBNAIL_MPP / slide.mpp
-            _draw_outlines(thumbnail, annotations, level0_per_thumb_px)
-            thumb_path = out / "thumbnails" / f"{slide.slide_id}.png"
-            write_png_atomic(thumb_path, thumbnail)
-            tumor_area_mm2 = sum(a.area_px() for a in annotations if a.kind == "tumor") \
-                * slide.mpp_x * slide.mpp_y * 1e-6
-            rows.append({
-                "slide_id": slide.slide_id,
-                "path": str(slide_path),
-                "width": slide.dimensions[0],
-                "height": slide.dimensions[1],
-                "levels": slide.level_count,
-                "mpp": round(slide.mpp, 4),
-                "mpp_source": slide.mpp_source,
-                "objective_power": slide.objective_power,
-                "tumor_polygons": sum(a.kind == "tumor" for a in annotations),
-                "tumor_area_mm2": round(tumor_area_mm2, 4),
-                "tissue_area_mm2": processed[slide.slide_id].get("tissue_area_mm2"),
-                "tiles_10x": processed[slide.slide_id].get("n_tiles"),
-                "status": processed[slide.slide_id]["status"],
-                "thumbnail": str(thumb_path),
-            })
-    summary = {"data": str(data_dir), "synth_seconds": round(synth_s, 2),
-               "total_seconds": round(time.perf_counter() - started, 2), "slides": rows}
+    echo("2/4 Preprocessing the normal training slides (tissue mask, stain normalization, tiles) ...")
+    step = time.perf_counter()
+    prepared = run_batch([data / "training" / "normal"], out / "train_stores", BatchConfig(), workers=workers,
+                         echo=lambda line: echo("    " + line))
+    timings["preprocess_training"] = time.perf_counter() - step
+
+    echo("3/4 Training a small deep perceptual autoencoder on their tiles (configs/demo_cpu.yaml) ...")
+    step = time.perf_counter()
+    trained = train([out / "train_stores"], out / "model.pt", demo_config(), progress=False,
+                    echo=lambda line: echo("    " + line))
+    timings["train"] = time.perf_counter() - step
+
+    echo("4/4 Processing the test slides: tiles, scores, heatmaps, overlays, report ...")
+    step = time.perf_counter()
+    batch = BatchConfig(model=trained.checkpoint, annotations_dir=data / "testing" / "lesion_annotations",
+                        labels=data / "testing" / "reference.csv")
+    result = run_batch([data / "testing" / "images"], out / "run", batch, workers=workers,
+                       echo=lambda line: echo("    " + line))
+    timings["process_testing"] = time.perf_counter() - step
+
+    auc = (result.metrics or {}).get("auc")
+    summary = {
+        "data": str(data), "model": str(trained.checkpoint), "model_id": trained.model_id,
+        "train_final_loss": trained.final_loss, "training_slides_failed": prepared.n_failed,
+        "report": str(result.report_html), "slide_auc": auc,
+        "slides": [{key: r.get(key) for key in ("slide_id", "status", "slide_score", "n_tiles", "error")}
+                   for r in result.results],
+        "seconds": {key: round(value, 1) for key, value in timings.items()},
+        "total_seconds": round(time.perf_counter() - started, 1),
+    }
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    _print_table(rows)
-    print(f"\nWrote {out / 'summary.json'} and {len(rows)} thumbnails in {out / 'thumbnails'} "
-          f"({summary['total_seconds']:.1f} s).")
+    labels = {row["slide_id"]: row.get("label") for row in json.loads(result.report_json.read_text())["slides"]}
+    echo("")
+    echo(f"{'slide':<12} {'label':<7} {'slide score':>11} {'tiles':>6}")
+    for row in summary["slides"]:
+        score = f"{row['slide_score']:.4f}" if row["slide_score"] is not None else "-"
+        echo(f"{row['slide_id']:<12} {labels.get(row['slide_id']) or '?':<7} {score:>11} {row['n_tiles'] or 0:>6}")
+    echo("")
+    echo(f"Slide-level ROC AUC on the synthetic test slides: {auc:.3f}" if auc is not None
+         else "Slide-level ROC AUC: not defined (one class only)")
+    echo(f"Report: {result.report_html}   ({summary['total_seconds']:.0f} s in all)")
     return summary
-
-
-def _annotation_for(slide_path: Path) -> Path | None:
-    """The ASAP XML of a slide in the official layout (``../lesion_annotations/<id>.xml``), if any."""
-    xml = slide_path.parent.parent / "lesion_annotations" / f"{slide_path.stem}.xml"
-    return xml if xml.exists() else None
-
-
-def _draw_outlines(image: np.ndarray, annotations, level0_per_px: float) -> None:
-    """Draw tumour outlines (green) and exclusion outlines (blue) into ``image`` in place."""
-    colors = {"tumor": (0, 200, 0), "exclusion": (0, 0, 255)}
-    for annotation in annotations:
-        xy = annotation.vertices / level0_per_px
-        rr, cc = polygon_perimeter(xy[:, 1], xy[:, 0], shape=image.shape[:2], clip=True)
-        image[rr, cc] = colors[annotation.kind]
-
-
-def _print_table(rows: list[dict]) -> None:
-    header = (f"{'slide':<12} {'size (px)':>13} {'levels':>6} {'µm/px':>7} {'source':>10} {'tumours':>7} "
-              f"{'tumour mm²':>10} {'tiles 10x':>9}")
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{r['slide_id']:<12} {r['width']:>6}x{r['height']:<6} {r['levels']:>6} {r['mpp']:>7.3f} "
-              f"{r['mpp_source']:>10} {r['tumor_polygons']:>7} {r['tumor_area_mm2']:>10.3f} "
-              f"{r['tiles_10x'] if r['tiles_10x'] is not None else '-':>9}")

@@ -1,7 +1,21 @@
-"""``wsi-ad process``: run the preprocessing stages (tissue mask, tiles) over files and folders of slides.
+"""``wsi-ad process``: the main job, a Dask graph over a folder of slides.
 
-Each slide runs alone: a corrupt or unreadable slide is reported with its reason and the others go on.
-Stages already in a slide's store with the same settings are skipped, so a re-run resumes.
+Per slide, a chain of tasks (:mod:`pipelines.stages`): preprocess (open → tissue mask → stain fit → tiles +
+normalization) → score (with ``--model``; on a GPU worker when there is one) → aggregate (heatmap, slide
+score); then, once every slide is scored, one colour scale for the whole cohort and an overlay per slide;
+then the report. Slides run in parallel on a local ``dask.distributed`` cluster sized to the machine, or on
+an existing cluster (``--scheduler``); the library (:mod:`wsi_ad`) knows nothing of Dask.
+
+* **Resume**: every stage is skipped when the slide's store already holds it for the same settings (and the
+  same source file size/mtime), so a re-run after ``kill -9`` redoes only what was unfinished.
+* **Failure isolation**: a slide that cannot be opened, read or processed fails alone, with its stage and
+  reason in ``OUT/failures.json`` and the report; a worker that dies on a slide (a reader crash) fails that
+  slide only. ``fail_fast`` stops at the first failure instead.
+* **Outputs** in OUT: ``<slide_id>.zarr`` stores, ``qc/``, ``overlays/``, ``report.json``, ``report.html``,
+  ``failures.json``, ``wsi-ad.log``.
+
+:func:`process_paths` runs only the preprocessing, in this process, one slide after the other: the
+library-level convenience the tests and small scripts use.
 """
 
 from __future__ import annotations
@@ -9,70 +23,64 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.stages import aggregate_slide, cohort_scale_of, new_result, overlay_slide, preprocess_slide, score_slide
 from wsi_ad.atomic import write_text_atomic
 from wsi_ad.errors import WsiAdError
-from wsi_ad.export import export_clam_h5
-from wsi_ad.preprocess import PreprocessConfig, run_stain_stage, run_tiles_stage, run_tissue_stage
-from wsi_ad.slide import find_slides, open_slide
-from wsi_ad.store import SlideStore
+from wsi_ad.preprocess import PreprocessConfig
+from wsi_ad.slide import find_slides
 
 log = logging.getLogger(__name__)
+#: The run's own log (progress lines, failures) that goes to ``OUT/wsi-ad.log``, not to the console twice.
+run_log = logging.getLogger("wsi_ad.run")
+run_log.propagate = False
+run_log.setLevel(logging.INFO)
+
+LOG_NAME = "wsi-ad.log"
 
 
-def preprocess_slide(path: str | Path, out: str | Path, config: PreprocessConfig, *,
-                     mpp: float | None = None, export_h5: bool = False) -> dict:
-    """Mask and tile one slide into ``<out>/<slide_id>.zarr``; never raises for bad input.
+@dataclass(frozen=True)
+class BatchConfig:
+    """Everything ``wsi-ad process`` does to each slide.
 
-    Returns a JSON-ready result: ``status`` ``"ok"`` or ``"failed"`` (with ``error``), tissue area in
-    mm², tile count, which stages ran or were reused, seconds, warnings.
+    Attributes:
+        preprocess: tissue, stain and tiling settings.
+        mpp: level-0 µm/px for slides without resolution metadata (overrides the files').
+        export_h5: also write CLAM-style ``OUT/h5/<slide_id>.h5``.
+        model: checkpoint to score tiles with (None: preprocessing only).
+        device: ``auto`` / ``cuda`` / ``cpu`` for scoring.
+        batch_size: tiles per scoring batch (None: 64 on the CPU, 256 on CUDA).
+        backbone_weights: backbone weight file for checkpoints whose backbone needs one.
+        reducer: slide-score reducer (None: the library default).
+        smoothing_um: heatmap smoothing (µm; None: off).
+        annotations_dir: folder of ``<slide_id>.xml`` ASAP annotations outlined on the overlays.
+        labels: reference CSV (Camelyon16 ``reference.csv`` format) for the report's ROC curve and AUC.
+        fail_fast: stop at the first failed slide.
     """
-    path, out = Path(path), Path(out)
-    started = time.perf_counter()
-    result: dict = {"slide": str(path), "slide_id": path.stem, "status": "ok"}
-    try:
-        with open_slide(path, mpp=mpp) as slide:
-            store = SlideStore.for_slide(out, slide)
-            qc_path = out / "qc" / f"{slide.slide_id}.tissue.png"
-            mask, tissue_ran = run_tissue_stage(slide, store, config, qc_path=qc_path)
-            stain, stain_ran = run_stain_stage(slide, store, mask, config)
-            n_tiles, tiles_ran = run_tiles_stage(slide, store, mask, config, stain=stain)
-            if export_h5:
-                result["h5"] = str(export_clam_h5(store, slide, out / "h5" / f"{slide.slide_id}.h5"))
-            result.update({
-                "store": str(store.path),
-                "qc_png": str(qc_path),
-                "mpp": slide.mpp,
-                "tissue_area_mm2": round(mask.tissue_area_mm2, 4),
-                "n_tiles": n_tiles,
-                "stain_method": stain.method if stain is not None else None,
-                "stages_run": [name for name, ran in (("tissue", tissue_ran), ("stain", stain_ran),
-                                                      ("tiles", tiles_ran)) if ran],
-                "warnings": list(mask.warnings) + (list(stain.warnings) if stain is not None else []),
-            })
-            if n_tiles == 0:
-                result["warnings"].append("no tiles: no tissue region reaches the minimum tissue fraction")
-    except WsiAdError as exc:
-        result.update(status="failed", error=str(exc))
-    except OSError as exc:          # disk full, permission denied: name the path
-        result.update(status="failed", error=f"{exc.filename or path}: {exc.strerror or exc}")
-    result["seconds"] = round(time.perf_counter() - started, 3)
-    if result["status"] == "failed":
-        log.debug("%s failed: %s", path, result["error"])
-    return result
+
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    mpp: float | None = None
+    export_h5: bool = False
+    model: Path | None = None
+    device: str = "auto"
+    batch_size: int | None = None
+    backbone_weights: str | None = None
+    reducer: str | None = None
+    smoothing_um: float | None = None
+    annotations_dir: Path | None = None
+    labels: Path | None = None
+    fail_fast: bool = False
 
 
-def process_paths(paths: Iterable[str | Path], out: str | Path, config: PreprocessConfig, *,
-                  mpp: float | None = None, export_h5: bool = False, echo=print) -> list[dict]:
-    """Preprocess every slide named by ``paths`` (files or folders); returns one result per slide.
-
-    Writes ``<out>/process_summary.json``. Slides whose file names (ids) collide are refused, since they
-    would share one store.
-    """
-    out = Path(out)
+def discover(paths: Iterable[str | Path]) -> list[Path]:
+    """Slide files of ``paths`` (files, or folders searched by the extensions OpenSlide reads); refuses
+    none found and colliding slide ids (they would share one store)."""
+    paths = list(paths)
     slides = find_slides(paths)
     if not slides:
         raise WsiAdError(f"no slide files found in {', '.join(map(str, paths))}")
@@ -80,6 +88,17 @@ def process_paths(paths: Iterable[str | Path], out: str | Path, config: Preproce
     if duplicates:
         raise WsiAdError(f"several slides share the id (file name) {', '.join(sorted(duplicates))}; "
                          "process them into different --out folders")
+    return slides
+
+
+def process_paths(paths: Iterable[str | Path], out: str | Path, config: PreprocessConfig, *,
+                  mpp: float | None = None, export_h5: bool = False, echo=print) -> list[dict]:
+    """Preprocess every slide named by ``paths`` in this process, one after the other (no Dask, no scoring).
+
+    Returns one result per slide (see :func:`pipelines.stages.preprocess_slide`); bad slides fail alone.
+    """
+    out = Path(out)
+    slides = discover(paths)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     echo(f"{'slide':<28} {'status':<7} {'tissue mm²':>10} {'tiles':>7} {'s':>7}  note")
@@ -87,10 +106,188 @@ def process_paths(paths: Iterable[str | Path], out: str | Path, config: Preproce
         result = preprocess_slide(path, out, config, mpp=mpp, export_h5=export_h5)
         results.append(result)
         echo(_summary_line(result))
-    write_text_atomic(out / "process_summary.json", json.dumps(results, indent=2))
     failed = sum(r["status"] == "failed" for r in results)
     echo(f"\n{len(results) - failed} of {len(results)} slides done, {failed} failed; stores in {out}")
     return results
+
+
+# -- the Dask batch -------------------------------------------------------------------------------------------
+
+@dataclass
+class BatchResult:
+    """What a batch run produced: one result per slide (in discovery order), the report's paths, metrics."""
+
+    results: list[dict]
+    report_json: Path
+    report_html: Path
+    failures_json: Path
+    metrics: dict | None
+    seconds: float
+
+    @property
+    def n_failed(self) -> int:
+        return sum(r["status"] == "failed" for r in self.results)
+
+
+def run_batch(paths: Sequence[str | Path], out: str | Path, batch: BatchConfig, *, scheduler: str | None = None,
+              workers: int | None = None, threads_per_worker: int | None = None,
+              echo: Callable[[str], None] = print) -> BatchResult:
+    """Run every slide of ``paths`` through the per-slide chain on a Dask cluster; write the report.
+
+    ``scheduler``: address of an existing ``dask.distributed`` scheduler (default: a local cluster of
+    ``workers`` processes with ``threads_per_worker`` threads, sized to the machine when not given).
+    """
+    import dask
+    import distributed  # noqa: F401  (loads its config defaults first: the override below must not hide them)
+
+    from pipelines.cluster import connect
+    from pipelines.report import write_report
+
+    started = time.perf_counter()
+    out = Path(out)
+    slides = discover(paths)
+    out.mkdir(parents=True, exist_ok=True)
+    if batch.model is not None and not Path(batch.model).is_file():
+        raise WsiAdError(f"--model {batch.model}: checkpoint not found")
+    handler = _attach_log_file(out / LOG_NAME)
+    try:
+        with dask.config.set({"distributed.scheduler.allowed-failures": 1}), \
+                connect(scheduler, workers=workers, threads_per_worker=threads_per_worker,
+                        use_gpu=batch.device != "cpu") as (client, info):
+            where = info.address if not info.local else f"local cluster, {info.n_workers} workers"
+            gpu = f", {info.gpu_workers} GPU worker(s) for scoring" if info.gpu_workers else ""
+            _say(echo, f"{len(slides)} slides → {out} ({where}{gpu})")
+            results = _run_graph(client, info, slides, out, batch, echo)
+        metrics = write_report(out, results, labels=batch.labels, model=batch.model,
+                               seconds=time.perf_counter() - started)
+    finally:
+        run_log.removeHandler(handler)
+        handler.close()
+    failures = [{key: r.get(key) for key in ("slide", "slide_id", "failed_stage", "error")}
+                for r in results if r["status"] == "failed"]
+    write_text_atomic(out / "failures.json", json.dumps(failures, indent=2))
+    seconds = time.perf_counter() - started
+    done = len(results) - len(failures)
+    _say(echo, f"{done} of {len(results)} slides done, {len(failures)} failed in {seconds:.1f} s; "
+               f"report: {out / 'report.html'}")
+    return BatchResult(results, out / "report.json", out / "report.html", out / "failures.json", metrics, seconds)
+
+
+def _run_graph(client, info, slides: list[Path], out: Path, batch: BatchConfig, echo) -> list[dict]:
+    from distributed import as_completed
+
+    run_id = uuid.uuid4().hex[:6]
+    model = str(Path(batch.model).resolve()) if batch.model is not None else None
+    chains: dict[str, object] = {}          # slide id -> last future of its chain
+    stage_of: dict[str, tuple[str, str]] = {}   # future key -> (slide id, stage)
+    submitted = []
+
+    def submit(func, *args, stage: str, sid: str, resources=None, **kwargs):
+        future = client.submit(func, *args, key=f"{stage}-{sid}-{run_id}", resources=resources, pure=False, **kwargs)
+        stage_of[future.key] = (sid, stage)
+        submitted.append(future)
+        return future
+
+    for path in slides:
+        sid = path.stem
+        future = submit(preprocess_slide, str(path.resolve()), out.resolve(), batch.preprocess, stage="preprocess",
+                        sid=sid, mpp=batch.mpp, export_h5=batch.export_h5)
+        if model is not None:
+            future = submit(score_slide, future, model, stage="score", sid=sid, resources=info.score_resources,
+                            device=batch.device, batch_size=batch.batch_size, backbone_weights=batch.backbone_weights)
+            future = submit(aggregate_slide, future, stage="aggregate", sid=sid, reducer=batch.reducer,
+                            smoothing_um=batch.smoothing_um)
+        chains[sid] = future
+
+    final = _watch(client, as_completed(submitted), stage_of, chains, slides, batch, echo)
+    results = [final[path.stem] for path in slides]
+    if model is not None and not (batch.fail_fast and any(r["status"] == "failed" for r in results)):
+        scale = client.submit(cohort_scale_of, results, key=f"cohort-scale-{run_id}", pure=False).result()
+        if scale is not None:
+            _say(echo, f"cohort colour scale: {scale.vmin:.4g} – {scale.vmax:.4g} ({len(results)} slides)")
+        overlays = {}
+        for result in results:
+            overlays[result["slide_id"]] = submit(overlay_slide, result, scale, out.resolve(), stage="overlay",
+                                                  sid=result["slide_id"], annotations_dir=batch.annotations_dir,
+                                                  mpp=batch.mpp)
+        final = _watch(client, as_completed(list(overlays.values())), stage_of, overlays, slides, batch, echo)
+        results = [final[path.stem] for path in slides]
+    return results
+
+
+def _watch(client, futures, stage_of, chains, slides, batch: BatchConfig, echo) -> dict[str, dict]:
+    """Follow tasks as they finish (progress lines); returns each slide's final result. A task that errs
+    (a worker died on the slide) fails its slide; with ``fail_fast`` the rest is cancelled."""
+    finals: dict[str, dict] = {}
+    n_slides = len(chains)
+    slide_paths = {p.stem: p for p in slides}
+    for future in futures:
+        sid, stage = stage_of[future.key]
+        if future.status == "error":
+            exc = future.exception()
+            result = new_result(slide_paths[sid])
+            result.update(status="failed", failed_stage=stage,
+                          error=f"worker lost while processing this slide ({type(exc).__name__}: {exc})")
+        elif future.status == "cancelled":
+            result = new_result(slide_paths[sid])
+            result.update(status="failed", failed_stage=stage, error="cancelled (--fail-fast)")
+        else:
+            result = future.result()
+        if sid in finals:               # a later task of a slide that already failed: nothing new to say
+            continue
+        if chains[sid].key == future.key or result["status"] == "failed":
+            finals[sid] = result
+        _say(echo, _progress_line(len(finals), n_slides, sid, stage, result))
+        if result.get("traceback"):
+            run_log.error("%s: %s", sid, result["traceback"])
+        if result["status"] == "failed" and batch.fail_fast:
+            for other in chains.values():
+                other.cancel()
+            _say(echo, f"--fail-fast: stopping after {sid} failed")
+            break
+    for sid, future in chains.items():         # cancelled or never reported
+        if sid not in finals:
+            result = new_result(slide_paths[sid])
+            result.update(status="failed", failed_stage=stage_of[future.key][1], error="cancelled (--fail-fast)")
+            finals[sid] = result
+    return finals
+
+
+def _progress_line(done: int, total: int, sid: str, stage: str, result: dict) -> str:
+    seconds = result.get("timings", {}).get(stage)
+    head = f"[{done:>{len(str(total))}}/{total} slides] {sid:<24} {stage:<10}"
+    if result["status"] == "failed":
+        return f"{head} FAILED at {result.get('failed_stage')}: {result.get('error')}"
+    facts = []
+    if stage == "preprocess":
+        facts.append(f"{result.get('n_tiles', 0)} tiles, {result.get('tissue_area_mm2', 0):.2f} mm² tissue")
+        facts.append("reused" if not result.get("stages_run") else "ran " + "+".join(result["stages_run"]))
+        facts.extend(f"warning: {w}" for w in result.get("warnings", [])[:2])
+    elif stage == "score":
+        if result.get("tiles_per_s"):
+            facts.append(f"{result['tiles_per_s']:.0f} tiles/s on {result.get('score_device')}")
+        elif result.get("model_id"):
+            facts.append("reused")
+    elif stage == "aggregate" and result.get("slide_score") is not None:
+        facts.append(f"slide score {result['slide_score']:.4g} ({result.get('reducer')})")
+    if seconds is not None:
+        facts.append(f"{seconds:.1f} s")
+    return f"{head} {'; '.join(facts)}"
+
+
+def _say(echo, line: str) -> None:
+    echo(line)
+    run_log.info(line)
+
+
+def _attach_log_file(path: Path) -> logging.Handler:
+    """Write this run's progress lines (and failures' tracebacks) to ``path``; appended, so a re-run
+    continues the same log."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    run_log.addHandler(handler)
+    return handler
 
 
 def _summary_line(result: dict) -> str:

@@ -35,6 +35,12 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def shared_data_if_present() -> Path | None:
+    """The real test files' folder, or None when absent (for tests that also run on synthetic data alone)."""
+    return _shared_data_dir()
+
+
+@pytest.fixture(scope="session")
 def shared_slides(shared_data: Path) -> Path:
     """Directory of the real slide files in the shared test data."""
     return shared_data / "slides"

@@ -1,0 +1,109 @@
+"""Where the Dask graph runs: a local ``dask.distributed`` cluster sized to the machine, or an existing one.
+
+* Local (default): one worker *process* per CPU core pair, one thread each (the stages release the GIL in
+  OpenSlide, numpy and torch, but torch's own intra-op threads oversubscribe shared cores badly, so each
+  worker gets ``threads_per_worker`` torch threads and no more). When CUDA devices are present, one extra
+  worker per GPU advertises the resource ``GPU=1`` and only it runs scoring tasks: one task per GPU.
+* ``--scheduler tcp://HOST:PORT``: the same graph on an existing cluster. Scoring tasks ask for the
+  ``GPU`` resource only when some worker advertises it (``dask worker --resources GPU=1``). Every worker
+  must see the slide files, the output folder and the checkpoint under the same paths (a shared
+  filesystem), as with any distributed file-based pipeline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+#: The worker resource that marks a GPU; scoring tasks require one unit of it where any worker has it.
+GPU_RESOURCE = "GPU"
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    """What the graph runs on: scheduler address, worker count, whether scoring is pinned to GPU workers."""
+
+    address: str
+    n_workers: int
+    gpu_workers: int
+    local: bool
+
+    @property
+    def score_resources(self) -> dict | None:
+        """Resources a scoring task asks for (``{"GPU": 1}`` where GPU workers exist, else none)."""
+        return {GPU_RESOURCE: 1} if self.gpu_workers else None
+
+
+def default_workers() -> tuple[int, int]:
+    """(workers, threads per worker) for a local cluster on this machine: one single-threaded worker per
+    core, at most 8 (slides are independent, so processes scale; memory grows with workers)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores)), 1
+
+
+def _cuda_devices() -> int:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _set_worker_threads(threads: int, quiet: bool) -> None:
+    """Run on every worker at start: cap torch's intra-op threads (see module docstring); unless verbose,
+    keep the library's warnings off the console (each result carries its slide's warnings)."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    if quiet:
+        logging.getLogger("wsi_ad").setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def connect(scheduler: str | None = None, *, workers: int | None = None, threads_per_worker: int | None = None,
+            use_gpu: bool = True) -> Iterator[tuple[object, ClusterInfo]]:
+    """Yield ``(distributed.Client, ClusterInfo)``: a new local cluster (closed on exit) or a client of the
+    cluster at ``scheduler`` (left running on exit)."""
+    from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
+
+    quiet = not logging.getLogger("wsi_ad").isEnabledFor(logging.INFO)
+    if quiet:                                       # -v shows Dask's own INFO messages
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+    if scheduler:
+        client = Client(scheduler, timeout="20s")
+        try:
+            info = client.scheduler_info()["workers"]
+            gpu = sum(1 for w in info.values() if w.get("resources", {}).get(GPU_RESOURCE, 0) >= 1)
+            yield client, ClusterInfo(scheduler, len(info), gpu, local=False)
+        finally:
+            client.close()
+        return
+
+    default_n, default_t = default_workers()
+    n_workers = workers or default_n
+    threads = threads_per_worker or default_t
+    gpus = _cuda_devices() if use_gpu else 0
+    options = {"dashboard_address": None, "silence_logs": logging.ERROR}
+    if gpus == 0:
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads, processes=True, **options)
+    else:
+        worker_specs = {f"cpu-{i}": {"cls": Nanny, "options": {"nthreads": threads, "silence_logs": logging.ERROR}}
+                        for i in range(n_workers)}
+        for gpu in range(gpus):
+            worker_specs[f"gpu-{gpu}"] = {"cls": Nanny, "options": {
+                "nthreads": 1, "resources": {GPU_RESOURCE: 1}, "silence_logs": logging.ERROR,
+                "env": {"CUDA_VISIBLE_DEVICES": str(gpu)}}}
+        cluster = SpecCluster(workers=worker_specs, silence_logs=logging.ERROR,
+                              scheduler={"cls": Scheduler, "options": {"dashboard_address": None}})
+    client = Client(cluster)
+    try:
+        client.run(_set_worker_threads, threads, quiet)
+        yield client, ClusterInfo(cluster.scheduler_address, len(client.scheduler_info()["workers"]), gpus, local=True)
+    finally:
+        client.close()
+        cluster.close()

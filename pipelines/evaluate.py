@@ -1,0 +1,171 @@
+"""``wsi-ad evaluate``: ``camelyon16`` (the paper's protocol on a slide dataset, :mod:`pipelines.camelyon16`) and
+``tiles`` (a folder of image tiles in the anomalib Folder layout, e.g. the BMAD Camelyon16 subset).
+
+Folder layout of ``evaluate tiles``::
+
+    DIR/train/good/*.png           normal training tiles (what ``wsi-ad train DIR/train/good`` learns)
+    DIR/test/good/*.png            normal test tiles (label 0)
+    DIR/test/<other>/*.png         anomalous test tiles (label 1), e.g. ``test/Ungood``
+    DIR/valid/good, valid/<other>  optional validation split, evaluated the same way
+
+Published reference for BMAD's Camelyon16 subset: best image AUROC about 0.78 (MKD).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+from wsi_ad.atomic import atomic_path, write_text_atomic
+from wsi_ad.errors import WsiAdError
+
+BMAD_BEST_AUROC = 0.78
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``evaluate`` subcommand with its two targets, ``camelyon16`` and ``tiles``."""
+    targets = parser.add_subparsers(dest="target", metavar="TARGET", required=True)
+
+    c16 = targets.add_parser("camelyon16", help="the paper's protocol on a dataset laid out like Camelyon16",
+                             description=_first_paragraph("pipelines.camelyon16"),
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    c16.add_argument("--data", type=Path, required=True, help="dataset root (training/, testing/ as the official release)")
+    c16.add_argument("--run", type=Path, required=True, help="output folder; a re-run reuses what is finished")
+    c16.add_argument("--model", type=Path, help="evaluate this checkpoint on the test slides (no selection, no training)")
+    c16.add_argument("--config", type=Path, help="training configuration YAML (default: the paper's; "
+                                                 "configs/demo_cpu.yaml for a CPU-sized run)")
+    c16.add_argument("--tune", action="store_true", help="select hyperparameters on a few tumour training slides first")
+    c16.add_argument("--tune-space", type=Path, help="search space YAML for --tune (default: configs/tune_space.yaml)")
+    c16.add_argument("--tune-slides", type=int, default=2, help="tumour training slides used by --tune (default: %(default)s)")
+    c16.add_argument("--tiles-per-slide", type=int, help="train on at most N random tiles per normal slide (default: all)")
+    c16.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="scoring device")
+    c16.add_argument("--workers", type=int, help="local cluster worker processes (default: one per core)")
+    c16.add_argument("--scheduler", metavar="ADDRESS", help="run on an existing dask.distributed cluster")
+    c16.set_defaults(handler=run_evaluate_camelyon16)
+
+    tiles = targets.add_parser("tiles", help="tile AUC on a folder of tiles in the anomalib Folder layout")
+    tiles.add_argument("dir", type=Path, help="dataset root with test/good and test/<anomalous> (e.g. test/Ungood)")
+    tiles.add_argument("--model", type=Path, required=True, help="checkpoint of `wsi-ad train`")
+    tiles.add_argument("--out", type=Path, help="where scores CSV, ROC plot and results JSON go (default: DIR/wsi-ad-eval)")
+    tiles.add_argument("--image-mpp", type=float, help="µm/px of the tiles, to resize them to the model's magnification")
+    tiles.add_argument("--batch-size", type=int, help="tiles per batch (default: 64 on the CPU, 256 on CUDA)")
+    tiles.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="scoring device")
+    tiles.add_argument("--backbone-weights", type=Path, help="backbone weight file (vgg19 checkpoints)")
+    tiles.set_defaults(handler=run_evaluate_tiles)
+
+
+def _first_paragraph(module: str) -> str:
+    import importlib
+
+    return (importlib.import_module(module).__doc__ or "").strip()
+
+
+def run_evaluate_camelyon16(args: argparse.Namespace) -> int:
+    from pipelines.camelyon16 import run_camelyon16
+    from wsi_ad.config import Config
+
+    config = Config.from_yaml(args.config) if args.config else None
+    if args.model is not None and not args.model.is_file():
+        raise WsiAdError(f"--model {args.model}: checkpoint not found")
+    run_camelyon16(args.data, args.run, model=args.model, config=config, tune=args.tune, tune_space=args.tune_space,
+                   tune_slides=args.tune_slides, tiles_per_slide=args.tiles_per_slide, device=args.device,
+                   workers=args.workers, scheduler=args.scheduler)
+    return 0
+
+
+# -- tile folders -----------------------------------------------------------------------------------------------
+
+def folder_splits(root: Path) -> dict[str, dict[str, list[Path]]]:
+    """``{"test": {"good": [dirs], "anomalous": [dirs]}, "valid": {...}}`` of an anomalib Folder dataset."""
+    root = Path(root)
+    splits = {}
+    for split in ("test", "valid"):
+        folder = root / split
+        if not folder.is_dir():
+            continue
+        subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        good = [p for p in subdirs if p.name.lower() == "good"]
+        bad = [p for p in subdirs if p.name.lower() != "good"]
+        if good and bad:
+            splits[split] = {"good": good, "anomalous": bad}
+    if "test" not in splits:
+        raise WsiAdError(f"{root}: not an anomalib Folder dataset (needs test/good and an anomalous folder "
+                         "such as test/Ungood)")
+    return splits
+
+
+def evaluate_tiles(root: str | Path, model: str | Path, out: str | Path | None = None, *, batch_size: int | None = None,
+                   device: str = "auto", image_mpp: float | None = None, backbone_weights: str | None = None,
+                   echo=print) -> dict:
+    """Score every test (and validation) tile and compute the tile-level ROC AUC; writes ``scores_<split>.csv``
+    (path, label, score), ``roc_<split>.png`` and ``results.json`` into ``out``. Returns the results."""
+    from wsi_ad.metrics import roc_auc, roc_points
+    from wsi_ad.model import load_scorer
+    from wsi_ad.scoring import default_batch_size, score_image_folder
+
+    root = Path(root)
+    out = Path(out) if out is not None else root / "wsi-ad-eval"
+    splits = folder_splits(root)
+    scorer = load_scorer(model, device=None if device == "auto" else device, backbone_weights=backbone_weights)
+    batch_size = batch_size or default_batch_size(scorer.device)
+    results: dict = {"dataset": str(root), "model": str(model), "model_id": scorer.model_id, "splits": {},
+                     "published_best_auroc_bmad_camelyon16": BMAD_BEST_AUROC}
+    for split, folders in splits.items():
+        rows = []
+        for label, key in ((0, "good"), (1, "anomalous")):
+            for folder in folders[key]:
+                rows += [(path, label, score) for path, score in
+                         score_image_folder(folder, scorer, batch_size=batch_size, image_mpp=image_mpp)]
+        labels = [label for _, label, _ in rows]
+        scores = [score for _, _, score in rows]
+        auc = roc_auc(labels, scores)
+        csv_path = _write_scores(out / f"scores_{split}.csv", rows)
+        png = _plot_roc(out / f"roc_{split}.png", roc_points(labels, scores), auc, split)
+        results["splits"][split] = {"auc": auc, "n_good": labels.count(0), "n_anomalous": labels.count(1),
+                                    "anomalous_folders": [p.name for p in folders["anomalous"]],
+                                    "scores_csv": str(csv_path), "roc_png": str(png)}
+        echo(f"{split}: tile ROC AUC {auc:.4f} ({labels.count(0)} good vs {labels.count(1)} anomalous tiles; "
+             f"best published on BMAD Camelyon16 ≈ {BMAD_BEST_AUROC})")
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
+    echo(f"scores, ROC curves and results.json in {out}")
+    return results
+
+
+def _write_scores(path: Path, rows) -> Path:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "label", "score"])
+    for file, label, score in rows:
+        writer.writerow([str(file), label, f"{score:.9g}"])
+    return write_text_atomic(path, buffer.getvalue())
+
+
+def _plot_roc(path: Path, roc: dict, auc: float, split: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    ax.plot(roc["fpr"], roc["tpr"], label=f"wsi-ad, AUC {auc:.3f}")
+    ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+    ax.set(xlabel="false positive rate (good tiles)", ylabel="true positive rate (anomalous tiles)",
+           title=f"Tile-level ROC ({split})", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as temp:
+        fig.savefig(temp, format="png")
+    plt.close(fig)
+    return path
+
+
+def run_evaluate_tiles(args: argparse.Namespace) -> int:
+    evaluate_tiles(args.dir, args.model, args.out, batch_size=args.batch_size, device=args.device,
+                   image_mpp=args.image_mpp, backbone_weights=str(args.backbone_weights) if args.backbone_weights else None,
+                   echo=lambda line: print(line, file=sys.stdout))
+    return 0

@@ -1,0 +1,208 @@
+"""The per-slide chain of ``wsi-ad process`` as plain functions: the tasks of the Dask graph.
+
+Each function takes the previous stage's *result* (a JSON-ready dict), does its stage through the library
+(which writes into the slide's store and skips what is already there), and returns the result updated.
+None of them raises for bad input: a slide that fails gets ``status: "failed"``, the ``failed_stage`` and a
+one-line ``error``, and every later stage passes it through untouched, so one broken slide never stops the
+batch. Stage timings are collected in ``result["timings"]`` (seconds, wall time of each task).
+
+Order: :func:`preprocess_slide` (open, tissue mask, stain fit, tiles + normalization) →
+:func:`score_slide` (every tile, on the GPU when the worker has one) → :func:`aggregate_slide` (heatmap grid
+and slide score) → :func:`overlay_slide` (heatmap over the thumbnail, on the cohort's colour scale).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from wsi_ad.atomic import write_text_atomic
+from wsi_ad.errors import WsiAdError
+from wsi_ad.preprocess import PreprocessConfig, run_stain_stage, run_tiles_stage, run_tissue_stage
+from wsi_ad.slide import open_slide
+from wsi_ad.store import SlideStore
+
+log = logging.getLogger(__name__)
+
+
+def _stage(name: str) -> Callable:
+    """Decorator: skip failed inputs, time the stage, and turn any error into a failed result."""
+
+    def wrap(func: Callable) -> Callable:
+        @functools.wraps(func)
+        def run(result: dict, *args, **kwargs) -> dict:
+            if result.get("status") == "failed":
+                return result
+            result = dict(result, timings=dict(result.get("timings", {})))
+            started = time.perf_counter()
+            try:
+                func(result, *args, **kwargs)
+            except WsiAdError as exc:
+                _fail(result, name, str(exc))
+            except OSError as exc:          # disk full, permission denied: name the path
+                _fail(result, name, f"{exc.filename or result.get('slide')}: {exc.strerror or exc}")
+            except MemoryError:
+                _fail(result, name, "out of memory")
+            except Exception as exc:        # a bug, or a file that breaks a reader: this slide fails alone
+                _fail(result, name, f"unexpected {type(exc).__name__}: {exc}")
+                result["traceback"] = traceback.format_exc()
+            result["timings"][name] = round(time.perf_counter() - started, 3)
+            return result
+        return run
+    return wrap
+
+
+def _fail(result: dict, stage: str, error: str) -> None:
+    result.update(status="failed", failed_stage=stage, error=error)
+
+
+def new_result(path: str | Path) -> dict:
+    """The initial result of a slide: its path and id (the file name without extension)."""
+    path = Path(path)
+    return {"slide": str(path), "slide_id": path.stem, "status": "ok", "timings": {}, "warnings": []}
+
+
+@_stage("preprocess")
+def _preprocess(result: dict, out: Path, config: PreprocessConfig, mpp: float | None, export_h5: bool) -> None:
+    from wsi_ad.export import export_clam_h5
+
+    with open_slide(result["slide"], mpp=mpp) as slide:
+        store = SlideStore.for_slide(out, slide)
+        qc_path = out / "qc" / f"{slide.slide_id}.tissue.png"
+        mask, tissue_ran = run_tissue_stage(slide, store, config, qc_path=qc_path)
+        stain, stain_ran = run_stain_stage(slide, store, mask, config)
+        n_tiles, tiles_ran = run_tiles_stage(slide, store, mask, config, stain=stain)
+        if export_h5:
+            result["h5"] = str(export_clam_h5(store, slide, out / "h5" / f"{slide.slide_id}.h5"))
+        result.update({
+            "store": str(store.path),
+            "qc_png": str(qc_path),
+            "mpp": slide.mpp,
+            "width": slide.dimensions[0],
+            "height": slide.dimensions[1],
+            "tissue_area_mm2": round(mask.tissue_area_mm2, 4),
+            "n_tiles": n_tiles,
+            "stain_method": stain.method if stain is not None else None,
+            "stages_run": [name for name, ran in (("tissue", tissue_ran), ("stain", stain_ran),
+                                                  ("tiles", tiles_ran)) if ran],
+            "warnings": result["warnings"] + list(mask.warnings) + (list(stain.warnings) if stain is not None else []),
+        })
+        if n_tiles == 0:
+            result["warnings"].append("no tiles: no tissue region reaches the minimum tissue fraction")
+
+
+def preprocess_slide(path: str | Path, out: str | Path, config: PreprocessConfig, *,
+                     mpp: float | None = None, export_h5: bool = False) -> dict:
+    """Open, tissue-mask, stain-fit and tile one slide into ``<out>/<slide_id>.zarr``; never raises for bad input.
+
+    Returns a JSON-ready result: ``status`` ``"ok"`` or ``"failed"`` (with ``failed_stage`` and ``error``),
+    the store path, tissue area in mm², tile count, which stages ran (``stages_run``; empty when every
+    stage was reused), warnings, ``timings`` and ``seconds``.
+    """
+    started = time.perf_counter()
+    result = _preprocess(new_result(path), Path(out), config, mpp, export_h5)
+    result["seconds"] = round(time.perf_counter() - started, 3)
+    return result
+
+
+# -- scoring ------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=2)
+def _cached_scorer(model: str, mtime_ns: int, device: str, backbone_weights: str | None):
+    """One Scorer per (checkpoint file version, device) per worker process: loading it costs seconds."""
+    from wsi_ad.model import load_scorer
+
+    return load_scorer(model, device=None if device == "auto" else device, backbone_weights=backbone_weights)
+
+
+def get_scorer(model: str | Path, device: str = "auto", backbone_weights: str | None = None):
+    """The worker's cached :class:`~wsi_ad.model.scoring.Scorer` for checkpoint ``model``."""
+    model = str(Path(model).resolve())
+    return _cached_scorer(model, os.stat(model).st_mtime_ns, device, backbone_weights)
+
+
+@_stage("score")
+def score_slide(result: dict, model: str | Path, *, device: str = "auto", batch_size: int | None = None,
+                backbone_weights: str | None = None) -> None:
+    """Score every tile of the slide's store with checkpoint ``model`` (stage ``scores/<model_id>``)."""
+    from wsi_ad.scoring import default_batch_size, run_score_stage
+
+    if not result.get("n_tiles"):
+        result["model_id"] = None
+        return
+    scorer = get_scorer(model, device, backbone_weights)
+    store = SlideStore.open(result["store"], mode="r+")
+    started = time.perf_counter()
+    scores, ran = run_score_stage(store, scorer, batch_size=batch_size or default_batch_size(scorer.device))
+    seconds = time.perf_counter() - started
+    result.update({"model_id": scorer.model_id, "score_device": str(scorer.device), "scored": ran,
+                   "tiles_per_s": round(len(scores) / seconds, 1) if ran and seconds > 0 else None})
+    if ran:
+        result["stages_run"] = result.get("stages_run", []) + ["score"]
+
+
+@_stage("aggregate")
+def aggregate_slide(result: dict, *, reducer: str | None = None, smoothing_um: float | None = None) -> None:
+    """Tile scores → heatmap grid and slide score (stage ``heatmap/<model_id>``)."""
+    from wsi_ad.heatmap import DEFAULT_REDUCER, run_heatmap_stage
+
+    if not result.get("model_id"):
+        result["slide_score"] = None
+        return
+    store = SlideStore.open(result["store"], mode="r+")
+    heatmap = run_heatmap_stage(store, result["model_id"], reducer=reducer or DEFAULT_REDUCER,
+                                smoothing_um=smoothing_um)
+    result.update({"slide_score": float(heatmap.slide_score), "reducer": heatmap.reducer})
+
+
+def cohort_scale_of(results: list[dict]):
+    """One colour scale for every slide of the run (from all scored tiles pooled), or None if nothing was scored."""
+    from wsi_ad.overlay import cohort_scale
+    from wsi_ad.scoring import load_scores
+
+    arrays = []
+    for result in results:
+        if result.get("status") == "ok" and result.get("model_id"):
+            arrays.append(load_scores(SlideStore.open(result["store"]), result["model_id"]))
+    return cohort_scale(arrays) if arrays else None
+
+
+@_stage("overlay")
+def overlay_slide(result: dict, scale, out: Path, *, annotations_dir: Path | None = None,
+                  mpp: float | None = None) -> None:
+    """Write ``<out>/overlays/<slide_id>.png``: the heatmap over the thumbnail on the cohort scale ``scale``.
+
+    Skipped when the PNG exists and its sidecar JSON records the same model, heatmap and scale. With
+    ``annotations_dir``, ``<slide_id>.xml`` there (ASAP XML) is outlined.
+    """
+    from wsi_ad.heatmap import load_heatmap
+    from wsi_ad.overlay import write_overlay
+    from wsi_ad.preprocess import load_tissue_mask
+
+    if scale is None or not result.get("model_id"):
+        return
+    store = SlideStore.open(result["store"])
+    png = out / "overlays" / f"{result['slide_id']}.png"
+    xml = Path(annotations_dir) / f"{result['slide_id']}.xml" if annotations_dir else None
+    xml = xml if xml is not None and xml.exists() else None
+    stamp = {"model_id": result["model_id"], "heatmap": store.stages[f"heatmap/{result['model_id']}"]["config_hash"],
+             "scale": [float(scale.vmin), float(scale.vmax)], "annotations": str(xml) if xml else None}
+    sidecar = png.with_suffix(".json")
+    result["overlay_png"] = str(png)
+    if png.exists() and sidecar.exists() and json.loads(sidecar.read_text()) == stamp:
+        return
+    annotations = None
+    if xml is not None:
+        from wsi_ad.annotations import read_asap_xml
+
+        annotations = read_asap_xml(xml)
+    with open_slide(result["slide"], mpp=mpp) as slide:
+        write_overlay(png, slide, load_heatmap(store, result["model_id"]), scale,
+                      tissue_mask=load_tissue_mask(store), annotations=annotations)
+    write_text_atomic(sidecar, json.dumps(stamp))

@@ -1,0 +1,187 @@
+"""``wsi-ad process`` as a Dask graph, on real clusters: a local dask.distributed cluster of 2 worker processes,
+a scheduler and a worker started as separate processes on loopback, and a run killed with SIGKILL that
+resumes. Slides are synthetic (plus the real broken/fluorescence files of ../shared/data when present)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.cli import main
+from pipelines.process import BatchConfig, run_batch
+from wsi_ad.model import load_scorer, score_store
+from wsi_ad.store import SlideStore
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BAD_SHARED = {  # real broken files and why they fail (or, for the NDPI, finish without tissue)
+    "broken.svs": "not a slide format OpenSlide reads",
+    "unopenable.tiff": "OpenSlide cannot open it",
+    "unreadable.svs": "cannot read image data",
+}
+
+
+def _slide_folder(root: Path, scored_setting, shared: Path | None) -> Path:
+    """A folder mixing the two synthetic slides with a corrupt file of our own and the real bad files."""
+    folder = root / "slides"
+    folder.mkdir(parents=True)
+    for key in ("normal", "tumor"):
+        os.symlink(scored_setting[key].path, folder / scored_setting[key].path.name)
+    (folder / "garbage.svs").write_bytes(np.random.default_rng(0).bytes(50_000))
+    if shared is not None:
+        for name in [*BAD_SHARED, "fluorescence-tritc.ndpi"]:
+            os.symlink(shared / "slides" / name, folder / name)
+    return folder
+
+
+def _labels(path: Path) -> Path:
+    path.write_text("normal_102,Normal,,\ntumor_103,Tumor,,Micro\n")
+    return path
+
+
+def test_local_cluster_scores_good_slides_and_isolates_bad_ones(scored_setting, shared_data_if_present, tmp_path):
+    shared = shared_data_if_present
+    folder = _slide_folder(tmp_path, scored_setting, shared)
+    out = tmp_path / "out"
+    batch = BatchConfig(model=scored_setting["model"], annotations_dir=scored_setting["tumor_xml"].parent,
+                        labels=_labels(tmp_path / "reference.csv"))
+    lines: list[str] = []
+    result = run_batch([folder], out, batch, workers=2, echo=lines.append)
+
+    by_id = {r["slide_id"]: r for r in result.results}
+    assert by_id["garbage"]["status"] == "failed" and "OpenSlide" in by_id["garbage"]["error"]
+    failures = {f["slide_id"]: f for f in json.loads((out / "failures.json").read_text())}
+    expected_failed = {"garbage", *(Path(n).stem for n in BAD_SHARED)} if shared else {"garbage"}
+    assert set(failures) == expected_failed and result.n_failed == len(expected_failed)
+    for name, reason in BAD_SHARED.items():
+        if shared:
+            assert reason in failures[Path(name).stem]["error"]
+    if shared:   # no H&E tissue: finishes alone, with no tiles and a warning, and is not a failure
+        fluorescence = by_id["fluorescence-tritc"]
+        assert fluorescence["status"] == "ok" and fluorescence["n_tiles"] == 0
+        assert any("fluorescence" in w for w in fluorescence["warnings"])
+
+    normal, tumor = by_id["normal_102"], by_id["tumor_103"]
+    assert normal["status"] == tumor["status"] == "ok"
+    assert tumor["slide_score"] > normal["slide_score"]
+    for r in (normal, tumor):
+        assert Path(r["overlay_png"]).stat().st_size > 10_000
+        store = SlideStore.open(r["store"])
+        assert store.is_complete(f"scores/{r['model_id']}") and store.is_complete(f"heatmap/{r['model_id']}")
+
+    report = json.loads((out / "report.json").read_text())
+    assert [row["slide_id"] for row in report["slides"]] == [r["slide_id"] for r in result.results]
+    assert report["metrics"]["auc"] == 1.0
+    page = (out / "report.html").read_text()
+    for slide_id, failure in failures.items():
+        assert slide_id in page and failure["error"].split(":")[-1].strip()[:20] in page
+    assert (out / "roc.png").exists() and "roc.png" in page and "overlays/tumor_103.png" in page
+    assert any("slides]" in line and "score" in line for line in lines)
+    assert (out / "wsi-ad.log").read_text().count("tumor_103") >= 3
+
+
+def test_fail_fast_stops_the_batch_at_the_first_failure(scored_setting, tmp_path):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    (folder / "aaa_garbage.svs").write_bytes(b"not a slide")
+    os.symlink(scored_setting["normal"].path, folder / "normal_102.tif")
+    result = run_batch([folder], tmp_path / "out", BatchConfig(fail_fast=True), workers=1, echo=lambda line: None)
+    assert result.n_failed >= 1
+    assert json.loads((tmp_path / "out" / "failures.json").read_text())[0]["slide_id"] == "aaa_garbage"
+
+
+def _start(cmd: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_process_runs_on_an_existing_cluster_started_as_separate_processes(scored_setting, tmp_path):
+    dask = str(Path(sys.executable).with_name("dask"))
+    scheduler_file = tmp_path / "scheduler.json"
+    scheduler = _start([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                        "--scheduler-file", str(scheduler_file)], tmp_path / "scheduler.log")
+    worker = None
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        address = json.loads(scheduler_file.read_text())["address"]
+        assert address.startswith("tcp://127.0.0.1:")
+        worker = _start([dask, "worker", address, "--nworkers", "1", "--nthreads", "1", "--no-dashboard",
+                         "--host", "127.0.0.1"], tmp_path / "worker.log")
+        from distributed import Client
+
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(1, timeout=60)
+        folder = tmp_path / "slides"
+        folder.mkdir()
+        os.symlink(scored_setting["tumor"].path, folder / "tumor_103.tif")
+        status = main(["process", str(folder), "--out", str(tmp_path / "out"), "--model", str(scored_setting["model"]),
+                       "--scheduler", address])
+        assert status == 0
+        report = json.loads((tmp_path / "out" / "report.json").read_text())
+        assert report["slides"][0]["status"] == "ok" and report["slides"][0]["slide_score"] is not None
+        assert (tmp_path / "out" / "overlays" / "tumor_103.png").exists()
+    finally:
+        for proc in (worker, scheduler):
+            if proc is not None:
+                _stop(proc)
+
+
+def _stage_done(store: Path, prefix: str) -> bool:
+    try:
+        stages = json.loads((store / "zarr.json").read_text())["attributes"].get("stages", {})
+    except (OSError, ValueError, KeyError):
+        return False
+    return any(name.startswith(prefix) for name in stages)
+
+
+def test_a_killed_run_resumes_without_redoing_finished_slides_and_scores_the_same(scored_setting, tmp_path):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    names = ["a_normal.tif", "b_tumor.tif", "c_normal.tif"]
+    for name, key in zip(names, ("normal", "tumor", "normal"), strict=True):
+        shutil.copy(scored_setting[key].path, folder / name)
+    out = tmp_path / "out"
+    cmd = [str(Path(sys.executable).with_name("wsi-ad")), "process", str(folder), "--out", str(out),
+           "--model", str(scored_setting["model"]), "--workers", "1"]
+    proc = _start(cmd, tmp_path / "killed.log")
+    try:
+        deadline = time.monotonic() + 240
+        while not _stage_done(out / "a_normal.zarr", "heatmap/") and time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()
+            time.sleep(0.1)
+        assert _stage_done(out / "a_normal.zarr", "heatmap/")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)           # the client, its scheduler and the worker processes
+        proc.wait()
+    assert not (out / "report.json").exists()
+
+    lines: list[str] = []
+    result = run_batch([folder], out, BatchConfig(model=scored_setting["model"]), workers=1, echo=lines.append)
+    by_id = {r["slide_id"]: r for r in result.results}
+    assert result.n_failed == 0
+    assert by_id["a_normal"]["stages_run"] == [] and by_id["a_normal"]["scored"] is False
+    assert "score" in by_id["c_normal"]["stages_run"]
+    scorer = load_scorer(scored_setting["model"])
+    for name, key in (("a_normal", "normal_store"), ("b_tumor", "tumor_store"), ("c_normal", "normal_store")):
+        from wsi_ad.scoring import load_scores
+
+        resumed = load_scores(SlideStore.open(out / f"{name}.zarr"), scorer.model_id)
+        np.testing.assert_allclose(resumed, score_store(scored_setting[key], scorer), rtol=1e-5)
