@@ -142,9 +142,20 @@ def score_slide(result: dict, model: str | Path, *, device: str = "auto", batch_
     scores, ran = run_score_stage(store, scorer, batch_size=batch_size or default_batch_size(scorer.device))
     seconds = time.perf_counter() - started
     result.update({"model_id": scorer.model_id, "score_device": str(scorer.device), "scored": ran,
+                   "score_worker": _worker_name(),
                    "tiles_per_s": round(len(scores) / seconds, 1) if ran and seconds > 0 else None})
     if ran:
         result["stages_run"] = result.get("stages_run", []) + ["score"]
+
+
+def _worker_name() -> str | None:
+    """The Dask worker running this task (None outside a worker): the report shows where scoring ran."""
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().name)
+    except (ImportError, ValueError):
+        return None
 
 
 @_stage("aggregate")

@@ -87,6 +87,24 @@ def test_local_cluster_scores_good_slides_and_isolates_bad_ones(scored_setting, 
     assert (out / "wsi-ad.log").read_text().count("tumor_103") >= 3
 
 
+def test_scoring_runs_only_on_the_worker_that_advertises_a_gpu(scored_setting, tmp_path, monkeypatch):
+    """The local cluster's GPU layout (one scoring worker per GPU with the resource GPU=1) on a machine
+    without one: the layout is made as if one GPU were there; the model then scores on that worker's CPU."""
+    import pipelines.cluster
+
+    monkeypatch.setattr(pipelines.cluster, "_cuda_devices", lambda: 1)
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for key in ("normal", "tumor"):
+        os.symlink(scored_setting[key].path, folder / scored_setting[key].path.name)
+    lines: list[str] = []
+    result = run_batch([folder], tmp_path / "out", BatchConfig(model=scored_setting["model"]), workers=1,
+                       echo=lines.append)
+    assert "1 GPU worker(s) for scoring" in lines[0]
+    assert result.n_failed == 0
+    assert {r["score_worker"] for r in result.results} == {"gpu-0"}
+
+
 def test_fail_fast_stops_the_batch_at_the_first_failure(scored_setting, tmp_path):
     folder = tmp_path / "slides"
     folder.mkdir()
