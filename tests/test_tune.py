@@ -317,3 +317,13 @@ def test_bad_input_is_one_clear_line(setting, tmp_path, capsys):
     assert main([*args, "--space", str(bad_space)]) == 2
     assert "unknown parameter 'latent'" in capsys.readouterr().err
     assert issubclass(TuneError, WsiAdError) and issubclass(FoldLeakError, TuneError)
+
+
+@pytest.mark.parametrize("space, base", [("tune_space.yaml", "camelyon16_paper.yaml"), ("tune_space_cpu.yaml", "demo_cpu.yaml")])
+def test_every_candidate_of_the_shipped_spaces_is_a_valid_config(space, base):
+    configs = REPO_ROOT / "configs"
+    base_config = Config.from_yaml(configs / base)
+    candidates = load_space(configs / space).candidates()
+    assert candidates
+    for params in candidates:
+        apply_params(base_config, params).validate()
