@@ -31,7 +31,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -143,36 +142,11 @@ def synthetic_heatmap(size: int) -> tuple[np.ndarray, list[np.ndarray]]:
     return values, polygons
 
 
-class PeakRss:
-    """Samples this process's resident set size in a background thread; ``peak`` in bytes."""
-
-    def __init__(self, interval_s: float = 0.02):
-        import psutil
-
-        self.interval_s, self.peak = interval_s, 0
-        self._proc = psutil.Process()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-
-
 def render_child(slide_path: Path, heatmap_path: Path, png: Path) -> dict:
     """Runs in the fresh subprocess: render and write the overlay, measure time and RSS."""
     import matplotlib  # noqa: F401  (imported up front so the import is not counted as rendering memory)
     import psutil
+    from peak_rss import PeakRss
 
     from wsi_ad.annotations import Annotation
     from wsi_ad.heatmap import Heatmap
@@ -184,7 +158,7 @@ def render_child(slide_path: Path, heatmap_path: Path, png: Path) -> dict:
     polygons = [data[f"polygon{i}"] for i in range(int(data["n_polygons"]))]
     annotations = [Annotation(f"lesion {i}", "_0", "tumor", "Polygon", p) for i, p in enumerate(polygons)]
     rss_before = psutil.Process().memory_info().rss
-    with open_slide(slide_path) as slide, PeakRss() as peak:
+    with open_slide(slide_path) as slide, PeakRss(interval_s=0.02) as peak:
         heatmap = Heatmap(values, (TILE, TILE), (TILE, TILE), slide.mpp_x, slide.mpp_y, model_id="bench")
         scale = cohort_scale([heatmap])
         mpp = auto_thumbnail_mpp(slide)

@@ -20,38 +20,13 @@ import platform
 import resource
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import psutil
+from peak_rss import PeakRss  # benchmarks/peak_rss.py, beside this script
 
 from wsi_ad.synth import synthesize_slide
-
-
-class PeakRss:
-    """Samples the process's resident set size in a background thread; ``peak`` is in bytes."""
-
-    def __init__(self, interval_s: float = 0.05):
-        self.interval_s = interval_s
-        self.peak = 0
-        self._stop = threading.Event()
-        self._proc = psutil.Process()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
 def run(size: int, seed: int, out_dir: Path, workers: int | None) -> dict:

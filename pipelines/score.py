@@ -1,7 +1,7 @@
 """``wsi-ad score``: score every tile of slide stores (or folders of image tiles) with a trained model.
 
 Argument parsing and reporting only; the work is :func:`wsi_ad.scoring.run_score_stage` (stores) and
-:func:`wsi_ad.scoring.score_image_folder` (``--tiles``). The lead wires these into ``pipelines/cli.py``::
+:func:`wsi_ad.scoring.score_image_folder` (``--tiles``). ``pipelines/cli.py`` wires them::
 
     score = sub.add_parser("score", help=...)
     add_score_arguments(score)
@@ -212,21 +212,3 @@ class _Bar:
 
 def _progress_bar(name: str) -> _Bar | None:
     return _Bar(name) if sys.stderr.isatty() else None
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m pipelines.score``) until the CLI wires the subcommand."""
-    parser = argparse.ArgumentParser(prog="wsi-ad score", description="score every tile with a trained model")
-    add_score_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_score(args)
-    except WsiAdError as exc:
-        print(f"wsi-ad score: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """``wsi-ad train``: train a Deep Perceptual Autoencoder on normal tiles (argument parsing and reporting only;
 the work is :func:`wsi_ad.model.trainer.train`).
 
-The lead wires these into ``pipelines/cli.py`` as the ``train`` subcommand::
+``pipelines/cli.py`` wires them as the ``train`` subcommand::
 
     train = sub.add_parser("train", help=...)
     add_train_arguments(train)
@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from wsi_ad.config import Config, ConfigError
+from wsi_ad.config import Config
 from wsi_ad.model.backbones import list_backbones
 
 
@@ -91,23 +91,3 @@ def run_train(args: argparse.Namespace) -> int:
         "seconds": round(result.seconds, 1), "loss_csv": str(csv_path), "loss_png": str(png_path),
     }, indent=2))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m pipelines.train``) until the CLI wires the subcommand."""
-    from wsi_ad.errors import WsiAdError
-
-    parser = argparse.ArgumentParser(prog="wsi-ad train", description="train a deep perceptual autoencoder on normal tiles")
-    add_train_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_train(args)
-    except (WsiAdError, ConfigError) as exc:
-        print(f"wsi-ad train: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

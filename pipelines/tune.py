@@ -1,7 +1,7 @@
 """``wsi-ad tune``: weakly-supervised hyperparameter selection (argument parsing and reporting only; the work
 is :func:`wsi_ad.tuning.tune`).
 
-The lead wires these into ``pipelines/cli.py`` as the ``tune`` subcommand::
+``pipelines/cli.py`` wires them as the ``tune`` subcommand::
 
     tune = sub.add_parser("tune", help=...)
     add_tune_arguments(tune)
@@ -15,7 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from wsi_ad.config import Config, ConfigError
+from wsi_ad.config import Config
 
 
 def _positive_int(text: str) -> int:
@@ -105,23 +105,3 @@ def run_tune(args: argparse.Namespace) -> int:
                "--config", str(result.best_config_path)]
     print("train the final model on all normal slides with:\n  " + shlex.join(command))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m pipelines.tune``) until the CLI wires the subcommand."""
-    from wsi_ad.errors import WsiAdError
-
-    parser = argparse.ArgumentParser(prog="wsi-ad tune", description="weakly-supervised hyperparameter selection")
-    add_tune_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_tune(args)
-    except (WsiAdError, ConfigError) as exc:
-        print(f"wsi-ad tune: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

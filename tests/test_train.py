@@ -94,7 +94,7 @@ def test_killed_cli_run_continues_from_its_last_checkpoint(slides, tmp_path):
     data = json.loads(json.dumps(TINY))
     data["train"].update(iterations={"stab16": 400, "trns32": 6, "stab32": 6}, checkpoint_every=5)
     cfg.write_text(json.dumps(data))  # JSON is YAML
-    cmd = [sys.executable, "-m", "pipelines.train", str(slides["normal"]), "--out", str(out), "--config", str(cfg),
+    cmd = [sys.executable, "-m", "pipelines.cli", "train", str(slides["normal"]), "--out", str(out), "--config", str(cfg),
            "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 90
@@ -136,7 +136,7 @@ def test_python_dash_c_entry_reports_bad_input_as_one_line(tmp_path):
             f"sys.exit(run_train(p.parse_args([{str(tmp_path)!r}, '--out', {str(tmp_path / 'x.pt')!r}])))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "no slide stores" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "pipelines.train", str(tmp_path), "--out", str(tmp_path / "x.pt")],
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", str(tmp_path), "--out", str(tmp_path / "x.pt")],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "no slide stores" in proc.stderr
 

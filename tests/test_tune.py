@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
-from pipelines.tune import add_tune_arguments, main, run_tune
+from pipelines.cli import main
+from pipelines.tune import add_tune_arguments, run_tune
 from wsi_ad.config import Config, ConfigError
 from wsi_ad.errors import WsiAdError
 from wsi_ad.tuning import (
@@ -307,14 +308,14 @@ def test_fewer_slides_than_folds_and_failing_candidates_are_recorded(setting, tm
 def test_bad_input_is_one_clear_line(setting, tmp_path, capsys):
     args = [str(setting["normals"][0]), "--anomalies", str(setting["tumor_store"]), "--annotations", str(tmp_path),
             "--out", str(tmp_path / "o")]
-    assert main(args) == 2                                              # one normal slide: no folds
+    assert main(["tune", *args]) == 2                                              # one normal slide: no folds
     assert "at least 2 normal slide stores" in capsys.readouterr().err
-    assert main([str(tmp_path / "nope"), *args[1:]]) == 2
+    assert main(["tune", str(tmp_path / "nope"), *args[1:]]) == 2
     err = capsys.readouterr().err
     assert "no such store or folder" in err and err.strip().count("\n") == 0
     bad_space = tmp_path / "space.yaml"
     bad_space.write_text("space: {latent: [4]}\n")
-    assert main([*args, "--space", str(bad_space)]) == 2
+    assert main(["tune", *args, "--space", str(bad_space)]) == 2
     assert "unknown parameter 'latent'" in capsys.readouterr().err
     assert issubclass(TuneError, WsiAdError) and issubclass(FoldLeakError, TuneError)
 
