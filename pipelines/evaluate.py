@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from wsi_ad.atomic import atomic_path, write_text_atomic
+from wsi_ad.atomic import write_text_atomic
 from wsi_ad.errors import WsiAdError
 
 BMAD_BEST_AUROC = 0.78
@@ -103,6 +103,7 @@ def evaluate_tiles(root: str | Path, model: str | Path, out: str | Path | None =
                    echo=print) -> dict:
     """Score every test (and validation) tile and compute the tile-level ROC AUC; writes ``scores_<split>.csv``
     (path, label, score), ``roc_<split>.png`` and ``results.json`` into ``out``. Returns the results."""
+    from pipelines.report import plot_roc
     from wsi_ad.metrics import roc_auc, roc_points
     from wsi_ad.model import load_scorer
     from wsi_ad.scoring import default_batch_size, score_image_folder
@@ -124,7 +125,10 @@ def evaluate_tiles(root: str | Path, model: str | Path, out: str | Path | None =
         scores = [score for _, _, score in rows]
         auc = roc_auc(labels, scores)
         csv_path = _write_scores(out / f"scores_{split}.csv", rows)
-        png = _plot_roc(out / f"roc_{split}.png", roc_points(labels, scores), auc, split)
+        roc = roc_points(labels, scores)
+        png = plot_roc(out / f"roc_{split}.png", roc["fpr"], roc["tpr"], label=f"wsi-ad, AUC {auc:.3f}",
+                       title=f"Tile-level ROC ({split})", xlabel="false positive rate (good tiles)",
+                       ylabel="true positive rate (anomalous tiles)")
         results["splits"][split] = {"auc": auc, "n_good": labels.count(0), "n_anomalous": labels.count(1),
                                     "anomalous_folders": [p.name for p in folders["anomalous"]],
                                     "scores_csv": str(csv_path), "roc_png": str(png)}
@@ -142,26 +146,6 @@ def _write_scores(path: Path, rows) -> Path:
     for file, label, score in rows:
         writer.writerow([str(file), label, f"{score:.9g}"])
     return write_text_atomic(path, buffer.getvalue())
-
-
-def _plot_roc(path: Path, roc: dict, auc: float, split: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-    ax.plot(roc["fpr"], roc["tpr"], label=f"wsi-ad, AUC {auc:.3f}")
-    ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
-    ax.set(xlabel="false positive rate (good tiles)", ylabel="true positive rate (anomalous tiles)",
-           title=f"Tile-level ROC ({split})", xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as temp:
-        fig.savefig(temp, format="png")
-    plt.close(fig)
-    return path
 
 
 def run_evaluate_tiles(args: argparse.Namespace) -> int:

@@ -113,26 +113,32 @@ def slide_metrics(labels: str | Path, results: list[dict]) -> tuple[dict, dict[s
     return metrics, {row.key: row.label for row in reference}
 
 
-def _plot_roc(path: Path, metrics: dict) -> Path:
+def plot_roc(path: Path, fpr, tpr, *, label: str, title: str, xlabel: str, ylabel: str) -> Path:
+    """Write a ROC curve (with the chance diagonal) as a PNG, atomically; returns ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    overall = metrics["overall"]
-    fpr, tpr = overall["roc"]["fpr"], overall["roc"]["tpr"]
     fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-    label = f"AUC {overall['auc']:.3f} (95% CI {overall['ci_low']:.3f}–{overall['ci_high']:.3f})"
     ax.plot(fpr, tpr, drawstyle="steps-post", label=label)
     ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
-    ax.set(xlabel="false positive rate (normal slides)", ylabel="true positive rate (tumour slides)",
-           title="Slide-level ROC", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title, xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as temp:
         fig.savefig(temp, format="png")
     plt.close(fig)
     return path
+
+
+def _plot_roc(path: Path, metrics: dict) -> Path:
+    overall = metrics["overall"]
+    return plot_roc(path, overall["roc"]["fpr"], overall["roc"]["tpr"],
+                    label=f"AUC {overall['auc']:.3f} (95% CI {overall['ci_low']:.3f}–{overall['ci_high']:.3f})",
+                    title="Slide-level ROC", xlabel="false positive rate (normal slides)",
+                    ylabel="true positive rate (tumour slides)")
 
 
 def _rel(path: str | None, out: Path) -> str | None:
