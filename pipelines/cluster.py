@@ -18,10 +18,18 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import dask
+
 log = logging.getLogger(__name__)
 
 #: The worker resource that marks a GPU; scoring tasks require one unit of it where any worker has it.
 GPU_RESOURCE = "GPU"
+
+#: Environment of local worker processes. Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` to return
+#: memory to the OS sooner; any fixed value turns off glibc's dynamic mmap threshold, so every torch batch
+#: buffer is mmap'ed and page-faulted afresh: scoring ran 2.5x slower (measured, 1 thread, batch 64: 134 vs
+#: 337 tiles/s). Unset it (None unsets a pre-spawn variable); memory stays bounded by the fixed batch size.
+WORKER_ENVIRONMENT = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,7 @@ def connect(scheduler: str | None = None, *, workers: int | None = None, threads
             use_gpu: bool = True) -> Iterator[tuple[object, ClusterInfo]]:
     """Yield ``(distributed.Client, ClusterInfo)``: a new local cluster (closed on exit) or a client of the
     cluster at ``scheduler`` (left running on exit)."""
-    from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
+    from distributed import Client
 
     quiet = not logging.getLogger("wsi_ad").isEnabledFor(logging.INFO)
     if quiet:                                       # -v shows Dask's own INFO messages
@@ -89,6 +97,20 @@ def connect(scheduler: str | None = None, *, workers: int | None = None, threads
     threads = threads_per_worker or default_t
     gpus = _cuda_devices() if use_gpu else 0
     options = {"dashboard_address": None, "silence_logs": logging.ERROR}
+    with dask.config.set(WORKER_ENVIRONMENT):
+        cluster = _local_cluster(n_workers, threads, gpus, options)
+    client = Client(cluster)
+    try:
+        client.run(_set_worker_threads, threads, quiet)
+        yield client, ClusterInfo(cluster.scheduler_address, len(client.scheduler_info()["workers"]), gpus, local=True)
+    finally:
+        client.close()
+        cluster.close()
+
+
+def _local_cluster(n_workers: int, threads: int, gpus: int, options: dict):
+    from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
+
     if gpus == 0:
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads, processes=True, **options)
     else:
@@ -100,10 +122,4 @@ def connect(scheduler: str | None = None, *, workers: int | None = None, threads
                 "env": {"CUDA_VISIBLE_DEVICES": str(gpu)}}}
         cluster = SpecCluster(workers=worker_specs, silence_logs=logging.ERROR,
                               scheduler={"cls": Scheduler, "options": {"dashboard_address": None}})
-    client = Client(cluster)
-    try:
-        client.run(_set_worker_threads, threads, quiet)
-        yield client, ClusterInfo(cluster.scheduler_address, len(client.scheduler_info()["workers"]), gpus, local=True)
-    finally:
-        client.close()
-        cluster.close()
+    return cluster
