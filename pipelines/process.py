@@ -202,7 +202,11 @@ def _run_graph(client, info, slides: list[Path], out: Path, batch: BatchConfig, 
     final = _watch(client, as_completed(submitted), stage_of, chains, slides, batch, echo)
     results = [final[path.stem] for path in slides]
     if model is not None and not (batch.fail_fast and any(r["status"] == "failed" for r in results)):
-        scale = client.submit(cohort_scale_of, results, key=f"cohort-scale-{run_id}", pure=False).result()
+        try:
+            scale = client.submit(cohort_scale_of, results, key=f"cohort-scale-{run_id}", pure=False).result()
+        except (WsiAdError, OSError) as exc:     # no overlays then; every slide's scores are in its store
+            scale = None
+            _say(echo, f"no overlays: the cohort colour scale failed ({exc})")
         if scale is not None:
             _say(echo, f"cohort colour scale: {scale.vmin:.4g} – {scale.vmax:.4g} ({len(results)} slides)")
         overlays = {}
