@@ -45,19 +45,14 @@ from pipelines.process import process_paths  # noqa: E402
 from wsi_ad.atomic import write_text_atomic  # noqa: E402
 from wsi_ad.config import Config  # noqa: E402
 from wsi_ad.heatmap import heatmap_slide_score, smooth_heatmap, tile_grid  # noqa: E402
+from wsi_ad.metrics import roc_auc  # noqa: E402
 from wsi_ad.model import load_scorer, score_store, train  # noqa: E402
 from wsi_ad.preprocess import PreprocessConfig  # noqa: E402
 from wsi_ad.store import SlideStore, config_hash  # noqa: E402
 from wsi_ad.synth import synthesize_slide  # noqa: E402
 
-#: The tests' small model (tests/conftest.py SMALL_MODEL).
-SMALL_MODEL = {
-    "model": {"image_size": 64, "latent_size": 8, "latent_channels": 4, "channels": [8, 8, 8, 8]},
-    "backbone": {"name": "efficientnet_lite0", "layers": {64: "block7"}},
-    "data": {"magnification": "10x", "stats_tiles": 256, "buffer_tiles": 8192},
-    "train": {"progressive": False, "flat_iterations": 200, "batch_size": 32, "lr": 0.003, "seed": 0,
-              "checkpoint_every": 100, "log_every": 20},
-}
+#: The tests' small model.
+SMALL_MODEL_CONFIG = REPO / "configs" / "small_cpu.yaml"
 
 SIZE_PX = 8192
 NORMAL = [(311, "A", False), (312, "B", False), (313, "A", True), (314, "B", True), (315, "A", False)]
@@ -66,8 +61,8 @@ TUMOR = [(321, "A", [0.25]), (322, "B", [0.35]), (323, "A", [0.5]), (324, "B", [
 
 def auc(pos: np.ndarray, neg: np.ndarray) -> float:
     """ROC AUC of ``pos`` above ``neg`` (ties count half)."""
-    pos, neg = np.asarray(pos)[:, None], np.asarray(neg)[None, :]
-    return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size))
+    pos, neg = np.asarray(pos, dtype=float).ravel(), np.asarray(neg, dtype=float).ravel()
+    return roc_auc(np.r_[np.ones(pos.size), np.zeros(neg.size)], np.r_[pos, neg])
 
 
 def separation(tumor: list[float], normal: list[float]) -> dict:
@@ -100,7 +95,7 @@ def prepare(work: Path) -> tuple[dict[str, dict], np.ndarray, str]:
     process_paths([s["path"] for s in slides.values()], work / "stores", PreprocessConfig(), **quiet)
     ckpt = work / "model.pt"
     if not ckpt.exists():
-        train([work / "train_stores"], ckpt, Config.from_dict(SMALL_MODEL), progress=False, **quiet)
+        train([work / "train_stores"], ckpt, Config.from_yaml(SMALL_MODEL_CONFIG), progress=False, **quiet)
     scorer = load_scorer(ckpt)
     train_scores = score_store(work / "train_stores" / "normal_301.zarr", scorer)
     for slide_id, info in slides.items():
@@ -159,7 +154,8 @@ def main() -> None:
             "what": "separation of tumour vs normal synthetic slides by each slide-level reducer",
             "slides": {s: {k: v for k, v in info.items() if k not in ("store", "path")} for s, info in slides.items()},
             "size_px": SIZE_PX,
-            "model": {"id": model_id, "config": SMALL_MODEL, "trained_on": "one normal slide (seed 301)"},
+            "model": {"id": model_id, "config": str(SMALL_MODEL_CONFIG.relative_to(REPO)),
+                  "trained_on": "one normal slide (seed 301)"},
             "train_tile_score_percentiles": {k: round(v, 5) for k, v in thresholds.items()},
             "results": results,
             "best_overall": ranked[0],

@@ -57,13 +57,7 @@ def synth_dataset(tmp_path_factory):
 
 
 #: A small 64 px model like configs/demo_cpu.yaml but shorter: tens of seconds on 2 CPU cores.
-SMALL_MODEL = {
-    "model": {"image_size": 64, "latent_size": 8, "latent_channels": 4, "channels": [8, 8, 8, 8]},
-    "backbone": {"name": "efficientnet_lite0", "layers": {64: "block7"}},
-    "data": {"magnification": "10x", "stats_tiles": 256, "buffer_tiles": 8192},
-    "train": {"progressive": False, "flat_iterations": 200, "batch_size": 32, "lr": 0.003, "seed": 0,
-              "checkpoint_every": 100, "log_every": 20},
-}
+SMALL_MODEL_CONFIG = REPO_ROOT / "configs" / "small_cpu.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +86,7 @@ def scored_setting(tmp_path_factory):
     quiet = {"echo": lambda *a: None}
     process_paths([train_slide.path], root / "train_stores", PreprocessConfig(), **quiet)
     process_paths([normal.path, tumor.path], root / "stores", PreprocessConfig(), **quiet)
-    result = train([root / "train_stores"], root / "model.pt", Config.from_dict(SMALL_MODEL), progress=False, **quiet)
+    result = train([root / "train_stores"], root / "model.pt", Config.from_yaml(SMALL_MODEL_CONFIG), progress=False, **quiet)
     return {"normal": normal, "tumor": tumor, "normal_store": root / "stores" / "normal_102.zarr",
             "tumor_store": root / "stores" / "tumor_103.zarr", "tumor_xml": root / "slides" / "tumor_103.xml",
             "model": result.checkpoint, "stores_dir": root / "stores"}
