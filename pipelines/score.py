@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_ad.errors import WsiAdError
-from wsi_ad.store import STORE_SUFFIX
+from wsi_ad.store import is_store_path, stores_in
 
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,9 +57,6 @@ def _positive(text: str) -> int:
     return value
 
 
-def _is_store(path: Path) -> bool:
-    return path.is_dir() and (path.suffix == STORE_SUFFIX or (path / "zarr.json").is_file())
-
 
 def find_stores(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Stores named by ``paths`` (stores, or folders holding ``*.zarr`` stores) and the paths that name
@@ -69,10 +66,10 @@ def find_stores(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
     for path in paths:
         if not path.exists():
             bad.append((path, "no such file or folder"))
-        elif _is_store(path):
+        elif is_store_path(path):
             stores.append(path)
         elif path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix == STORE_SUFFIX and p.is_dir())
+            found = stores_in(path)
             if found:
                 stores += found
             else:

@@ -69,6 +69,18 @@ def store_path(out_dir: str | os.PathLike, slide_id: str) -> Path:
     return Path(out_dir) / f"{slide_id}{STORE_SUFFIX}"
 
 
+def is_store_path(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a store itself (a ``*.zarr`` folder, or any folder holding a zarr group)
+    rather than a folder of stores. Cheap: looks at names only, opens nothing."""
+    path = Path(path)
+    return path.is_dir() and (path.suffix == STORE_SUFFIX or (path / "zarr.json").is_file())
+
+
+def stores_in(folder: str | os.PathLike) -> list[Path]:
+    """The ``*.zarr`` stores directly in ``folder`` (e.g. the ``--out`` of ``wsi-ad process``), sorted."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix == STORE_SUFFIX and p.is_dir())
+
+
 class SlideStore:
     """A slide's zarr v3 store. Create or reopen with :meth:`for_slide`; read with :meth:`open`."""
 

@@ -74,7 +74,7 @@ from wsi_ad import __version__
 from wsi_ad.atomic import write_text_atomic
 from wsi_ad.config import Config, ConfigError
 from wsi_ad.errors import WsiAdError
-from wsi_ad.store import STORE_SUFFIX, SlideStore, StoreError
+from wsi_ad.store import STORE_SUFFIX, SlideStore, StoreError, is_store_path, stores_in
 
 RESULTS_NAME = "tune_results.json"
 BEST_CONFIG_NAME = "best_config.yaml"
@@ -317,9 +317,6 @@ def candidate_id(config: Config) -> str:
 
 # -- stores and folds -----------------------------------------------------------------------------------------
 
-def _is_store(path: Path) -> bool:
-    return path.is_dir() and (path.suffix == STORE_SUFFIX or (path / "zarr.json").is_file())
-
 
 def find_stores(paths: Iterable[str | os.PathLike], what: str = "normal") -> list[Path]:
     """Slide stores named by ``paths``: stores themselves, or folders of ``*.zarr`` stores (the ``--out``
@@ -329,10 +326,10 @@ def find_stores(paths: Iterable[str | os.PathLike], what: str = "normal") -> lis
         path = Path(raw)
         if not path.exists():
             raise TuneError(f"{path}: no such store or folder ({what} slides)")
-        if _is_store(path):
+        if is_store_path(path):
             found.append(path)
         elif path.is_dir():
-            stores = sorted(p for p in path.iterdir() if p.suffix == STORE_SUFFIX and p.is_dir())
+            stores = stores_in(path)
             if not stores:
                 raise TuneError(f"{path}: no slide stores (*{STORE_SUFFIX}) found ({what} slides)")
             found += stores

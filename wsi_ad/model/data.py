@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from wsi_ad.errors import WsiAdError
-from wsi_ad.store import STORE_SUFFIX, SlideStore
+from wsi_ad.store import SlideStore, is_store_path, stores_in
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 BLOCK_TILES = 64  # tiles per read block (the stores' chunk size)
@@ -106,9 +106,6 @@ class ImageFolderSource:
         return np.stack([self._load(f, rng) for f in self.files[start:stop]])
 
 
-def _is_store(path: Path) -> bool:
-    return path.is_dir() and (path.suffix == STORE_SUFFIX or (path / "zarr.json").is_file())
-
 
 def discover_sources(
     paths: list[str | os.PathLike], magnification: str = "10x", size: int = 64, image_mpp: float | None = None,
@@ -125,7 +122,7 @@ def discover_sources(
         path = Path(raw)
         if not path.exists():
             raise DataError(f"{path}: no such file or folder")
-        if _is_store(path):
+        if is_store_path(path):
             sources.append(StoreSource(path, magnification, size, tiles_per_slide, seed))
             continue
         if path.is_file():
@@ -133,7 +130,7 @@ def discover_sources(
                 sources.append(ImageFolderSource([path], size, scale))
                 continue
             raise DataError(f"{path}: not a slide store, a folder of stores or a PNG/JPEG tile")
-        stores = sorted(p for p in path.iterdir() if p.suffix == STORE_SUFFIX and p.is_dir())
+        stores = stores_in(path)
         if stores:
             sources += [StoreSource(p, magnification, size, tiles_per_slide, seed) for p in stores]
             continue
