@@ -14,8 +14,6 @@ Published reference for BMAD's Camelyon16 subset: best image AUROC about 0.78 (M
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import sys
 from pathlib import Path
@@ -106,7 +104,7 @@ def evaluate_tiles(root: str | Path, model: str | Path, out: str | Path | None =
     from pipelines.report import plot_roc
     from wsi_ad.metrics import roc_auc, roc_points
     from wsi_ad.model import load_scorer
-    from wsi_ad.scoring import default_batch_size, score_image_folder
+    from wsi_ad.scoring import default_batch_size, score_image_folder, write_scores_csv
 
     root = Path(root)
     out = Path(out) if out is not None else root / "wsi-ad-eval"
@@ -124,7 +122,7 @@ def evaluate_tiles(root: str | Path, model: str | Path, out: str | Path | None =
         labels = [label for _, label, _ in rows]
         scores = [score for _, _, score in rows]
         auc = roc_auc(labels, scores)
-        csv_path = _write_scores(out / f"scores_{split}.csv", rows)
+        csv_path = write_scores_csv(out / f"scores_{split}.csv", rows, columns=("path", "label", "score"))
         roc = roc_points(labels, scores)
         png = plot_roc(out / f"roc_{split}.png", roc["fpr"], roc["tpr"], label=f"wsi-ad, AUC {auc:.3f}",
                        title=f"Tile-level ROC ({split})", xlabel="false positive rate (good tiles)",
@@ -137,15 +135,6 @@ def evaluate_tiles(root: str | Path, model: str | Path, out: str | Path | None =
     write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     echo(f"scores, ROC curves and results.json in {out}")
     return results
-
-
-def _write_scores(path: Path, rows) -> Path:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "label", "score"])
-    for file, label, score in rows:
-        writer.writerow([str(file), label, f"{score:.9g}"])
-    return write_text_atomic(path, buffer.getvalue())
 
 
 def run_evaluate_tiles(args: argparse.Namespace) -> int:

@@ -361,14 +361,15 @@ def score_image_folder(paths_or_folder: str | os.PathLike | Iterable[str | os.Pa
     return rows
 
 
-def write_scores_csv(path: str | os.PathLike, rows: Iterable[tuple[str | os.PathLike, float]]) -> Path:
-    """Write ``path,score`` rows (with a header) to ``path`` atomically; scores with 9 significant digits."""
+def write_scores_csv(path: str | os.PathLike, rows: Iterable[tuple], columns: Sequence[str] = ("path", "score")) -> Path:
+    """Write rows under the header ``columns`` (default ``path,score``) to ``path`` atomically. The last
+    value of each row is the score, written with 9 significant digits; the others as text."""
     import csv
     import io
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "score"])
-    for file, score in rows:
-        writer.writerow([str(file), f"{float(score):.9g}"])
+    writer.writerow(list(columns))
+    for *fields, score in rows:
+        writer.writerow([*map(str, fields), f"{float(score):.9g}"])
     return write_text_atomic(path, buffer.getvalue())
