@@ -32,6 +32,18 @@ class ConfigError(WsiAdError):
     """A configuration file or value is invalid. The message names the key."""
 
 
+def read_yaml(path: str | os.PathLike, error: type[WsiAdError] = WsiAdError, what: str = "file") -> Any:
+    """The parsed content of a YAML file; an unreadable file or invalid YAML raises ``error`` naming the path
+    and ``what`` it was meant to be."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: invalid YAML: {exc}") from exc
+
+
 @dataclass
 class ModelSection:
     """Autoencoder architecture (see :class:`wsi_ad.model.autoencoder.AutoencoderConfig`)."""
@@ -127,13 +139,7 @@ class Config:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> Config:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = yaml.safe_load(fh)
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read config: {exc}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        data = read_yaml(path, ConfigError, "config")
         try:
             return cls.from_dict(data)
         except ConfigError as exc:

@@ -72,7 +72,7 @@ import yaml
 
 from wsi_ad import __version__
 from wsi_ad.atomic import write_text_atomic
-from wsi_ad.config import Config, ConfigError
+from wsi_ad.config import Config, ConfigError, read_yaml
 from wsi_ad.errors import WsiAdError
 from wsi_ad.store import STORE_SUFFIX, SlideStore, StoreError, is_store_path, stores_in
 
@@ -174,13 +174,7 @@ class SearchSpace:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> SearchSpace:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = yaml.safe_load(fh)
-        except OSError as exc:
-            raise TuneError(f"{path}: cannot read search space: {exc}") from exc
-        except yaml.YAMLError as exc:
-            raise TuneError(f"{path}: invalid YAML: {exc}") from exc
+        data = read_yaml(path, TuneError, "search space")
         try:
             return cls.from_dict(data)
         except TuneError as exc:
