@@ -21,10 +21,11 @@ Transform (:class:`StainNormalizer`). Concentrations are the *exact* solution of
 problem ``min_c 0.5 ||od - c @ S||² + λc·sum(c), c >= 0`` (λc = ``StainParams.concentration_lambda`` =
 0.01, as StainTools' ``get_concentrations``): with two stains the solution has a closed form (both stains
 active: a 2x2 linear solve; otherwise the better single stain, ``max(0, od·s - λc)``), so the transform is
-a few batched matrix products and selects in torch (GPU when present) instead of a per-pixel lasso. The
-concentrations are scaled by ``max_target / max_source`` and re-rendered with the target matrix. A pure
-white pixel (OD 0) gets zero concentrations and stays white. Inputs are processed in chunks of
-``chunk_pixels`` pixels, so memory stays bounded on large (H, W, 3) regions.
+a few multiply-adds per pixel instead of a per-pixel lasso. The concentrations are scaled by
+``max_target / max_source`` and re-rendered with the target matrix. A pure white pixel (OD 0) gets zero
+concentrations and stays white. On the CPU the per-pixel arithmetic is one compiled loop
+(:mod:`wsi_ad.stain_kernel`); on a GPU it is the same arithmetic in torch, in chunks of
+``chunk_pixels`` pixels so memory stays bounded on large (H, W, 3) regions.
 
 Resolution: the maxima of concentrations depend on resolution (coarse pixels blend nuclei and stroma), so
 the source and the target are fitted at the same µm/px: slides at ``sample_mpp`` (the default target too),
@@ -34,10 +35,12 @@ image files (tiles without a physical scale) at their own resolution.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import os
 import warnings as _warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -610,44 +613,43 @@ class StainNormalizer:
     ``normalizer(rgb)`` takes (H, W, 3) or (N, H, W, 3) uint8 (any leading shape) and returns the same shape.
     Per pixel: OD, exact non-negative lasso concentrations with the source matrix (λc =
     ``concentration_lambda``), scaled by ``target.max / source.max``, rendered with the target matrix.
-    Runs in torch on ``device`` (default: CUDA when available, else CPU, with torch's current thread
-    settings), ``chunk_pixels`` pixels at a time. An identity ``source`` (or target) returns a copy.
+    An identity ``source`` (or target) returns a copy.
 
-    ``lut_bits`` (default None: every pixel computed exactly): the first call computes the output for
-    the centre of every bin of a ``2**lut_bits``-per-channel colour grid, and every pixel after is one
-    table lookup on the CPU. With 7 bits the table has 2M colours (6 MiB, built in ~0.2 s) and the
-    lookup costs about a quarter of the CPU time of the exact computation, at a mean difference of
-    0.6 grey levels (max ~5) on real H&E; 8 bits is exact (48 MiB, ~3 s to build). Measured on 2 CPU
-    cores the lookup was only ~1.5x faster than the exact numpy computation (23 Mpx/s), so the tiling
-    stage computes exactly; the table is for slower devices or repeated use of one normalizer.
+    Where it runs (``device``, default CUDA when available, else CPU):
 
-    ``chunk_pixels``: pixels per torch pass. 256K keeps the float32 temporaries in cache: measured 2x
-    faster than 2M on 2 CPU threads.
+    * CPU: one compiled pass (:mod:`wsi_ad.stain_kernel`, numba; releases the GIL). ``threads`` > 1 splits
+      one call's pixels over that many threads; the default 1 suits the pipeline, which runs one
+      single-threaded worker per core.
+    * CUDA: the same arithmetic in torch, ``chunk_pixels`` pixels per pass, on pinned host memory.
+
+    The two agree to within one grey level (float32 rounding at the rounding thresholds).
     """
 
     def __init__(self, source: StainFit, target: StainFit = None, *, device=None,  # type: ignore[assignment]
-                 concentration_lambda: float = StainParams.concentration_lambda, chunk_pixels: int = 1 << 18,
-                 lut_bits: int | None = None):
+                 concentration_lambda: float = StainParams.concentration_lambda, chunk_pixels: int = 1 << 22,
+                 threads: int = 1):
         target = DEFAULT_TARGET if target is None else target
         self.source, self.target = source, target
         self.identity = source.is_identity or target.is_identity
         self.device = torch.device(device) if device is not None else _default_device()
         self.chunk_pixels = int(chunk_pixels)
+        self.threads = max(1, int(threads))
         self.concentration_lambda = float(concentration_lambda)
-        s = np.asarray(source.stain_matrix, np.float64)
-        s = _unit_rows(s)
+        s = _unit_rows(np.asarray(source.stain_matrix, np.float64))
         ginv = _gram_inverse(s) if not self.identity else np.eye(2)
         scale = np.asarray(target.max_concentrations) / np.maximum(np.asarray(source.max_concentrations), 1e-6)
+        render = scale[:, None] * np.asarray(target.stain_matrix, np.float64)
         # Fold the constants: b = od @ S.T - λ; both = b @ Ginv; out_od = (c * scale) @ T.
-        lut = -np.log(np.maximum(np.arange(256, dtype=np.float64), 1.0) / 255.0)
-        self._od_lut_np = lut.astype(np.float32)
         self._st_list = [[float(v) for v in row] for row in s]
         self._ginv_list = [[float(v) for v in row] for row in ginv]
-        self._render_list = [[float(v) for v in row] for row in scale[:, None] * np.asarray(target.stain_matrix)]
-        if lut_bits is not None and not 1 <= int(lut_bits) <= 8:
-            raise ValueError(f"lut_bits must be in 1..8 or None, got {lut_bits}")
-        self.lut_bits = None if lut_bits is None else int(lut_bits)
-        self._lut: np.ndarray | None = None
+        self._render_list = [[float(v) for v in row] for row in render]
+        self._cosine_nonnegative = bool(s[0] @ s[1] >= 0)
+        self._tables = None
+        if not self.identity and self.device.type == "cpu":
+            # imported here: numba costs ~100 MB of memory per process and is needed only by the CPU path
+            from wsi_ad.stain_kernel import TransformTables
+
+            self._tables = TransformTables.build(s, render, self.concentration_lambda)
 
     def __repr__(self) -> str:
         return f"StainNormalizer({self.source.method} -> {self.target.method}, device={self.device})"
@@ -658,75 +660,29 @@ class StainNormalizer:
             return rgb.copy()
         flat = np.ascontiguousarray(rgb).reshape(-1, 3)
         out = np.empty_like(flat)
+        if self.device.type == "cpu":
+            self._transform_cpu(flat, out)
+            return out.reshape(rgb.shape)
         with torch.inference_mode():
             for start in range(0, len(flat), self.chunk_pixels):
                 stop = min(len(flat), start + self.chunk_pixels)
-                out[start:stop] = self._transform(flat[start:stop])
+                x = torch.from_numpy(flat[start:stop]).pin_memory().to(self.device, non_blocking=True)
+                out[start:stop] = self._compute(x).cpu().numpy()
         return out.reshape(rgb.shape)
 
-    def _transform(self, pixels: np.ndarray) -> np.ndarray:
-        """(P, 3) uint8 → (P, 3) uint8: through the colour table when there is one, else computed."""
-        if self.lut_bits is not None:
-            if self._lut is None:
-                self._lut = self._build_lut()
-            shift, bits = 8 - self.lut_bits, self.lut_bits
-            index = (pixels[:, 0] >> shift).astype(np.int32) << (2 * bits)
-            index |= (pixels[:, 1] >> shift).astype(np.int32) << bits
-            index |= pixels[:, 2] >> shift
-            return self._lut[index]
-        return self._compute_pixels(pixels)
-
-    def _compute_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """(P, 3) uint8 → (P, 3) uint8 computed exactly: torch on a GPU, numpy on the CPU.
-
-        On the CPU, torch spreads each of these small elementwise passes over its intra-op threads; when
-        the cores are shared (Dask workers, a reader thread) those threads spin-wait and the transform
-        ran 30x slower (0.5 vs 15-23 Mpx/s measured). numpy's passes are single-threaded.
-        """
-        if self.device.type == "cpu":
-            return self._compute_numpy(pixels)
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
-        return self._compute(x).cpu().numpy()
-
-    def _compute_numpy(self, pixels: np.ndarray) -> np.ndarray:
-        """The arithmetic of :meth:`_compute` in numpy float32, planar (one contiguous row per channel)."""
-        od = self._od_lut_np[pixels.T]                          # (3, P) OD = -ln(max(I, 1) / 255)
-        st_, g, r = self._st_list, self._ginv_list, self._render_list
-        lam = np.float32(self.concentration_lambda)
-        b0 = od[0] * np.float32(st_[0][0]) + od[1] * np.float32(st_[0][1]) + od[2] * np.float32(st_[0][2]) - lam
-        b1 = od[0] * np.float32(st_[1][0]) + od[1] * np.float32(st_[1][1]) + od[2] * np.float32(st_[1][2]) - lam
-        c0 = b0 * np.float32(g[0][0]) + b1 * np.float32(g[1][0])
-        c1 = b0 * np.float32(g[0][1]) + b1 * np.float32(g[1][1])
-        ok = (c0 >= 0) & (c1 >= 0)
-        np.maximum(b0, 0, out=b0)
-        np.maximum(b1, 0, out=b1)
-        use_h = b0 >= b1
-        c0 = np.where(ok, c0, np.where(use_h, b0, np.float32(0)))
-        c1 = np.where(ok, c1, np.where(use_h, np.float32(0), b1))
-        out = np.empty((pixels.shape[0], 3), dtype=np.uint8)
-        for ch in range(3):
-            v = c0 * np.float32(r[0][ch]) + c1 * np.float32(r[1][ch])
-            np.minimum(v, np.float32(20.0), out=v)              # see _compute: no denormals in exp()
-            np.exp(-v, out=v)
-            v *= np.float32(255.0)
-            np.rint(v, out=v)
-            out[:, ch] = np.clip(v, 0, 255)
-        return out
-
-    def _build_lut(self) -> np.ndarray:
-        """Output colour of the centre of every bin of the ``2**lut_bits``-per-channel grid, (2^(3 bits), 3)."""
-        bits, shift = self.lut_bits, 8 - self.lut_bits
-        centres = (np.arange(1 << bits) << shift) + ((1 << shift) >> 1)
-        grid = np.stack(np.meshgrid(centres, centres, centres, indexing="ij"), axis=-1).reshape(-1, 3)
-        grid = grid.astype(np.uint8)
-        out = np.empty_like(grid)
-        for start in range(0, len(grid), self.chunk_pixels):
-            stop = min(len(grid), start + self.chunk_pixels)
-            out[start:stop] = self._compute_pixels(grid[start:stop])
-        return out
+    def _transform_cpu(self, flat: np.ndarray, out: np.ndarray) -> None:
+        parts = min(self.threads, max(1, len(flat) >> 16))  # >= 64K pixels per thread
+        if parts == 1:
+            self._tables.transform(flat, out)
+            return
+        bounds = np.linspace(0, len(flat), parts + 1).astype(int)
+        with ThreadPoolExecutor(max_workers=parts, thread_name_prefix="stain") as pool:
+            for future in [pool.submit(self._tables.transform, flat[a:b], out[a:b])
+                           for a, b in itertools.pairwise(bounds)]:
+                future.result()
 
     def _compute(self, x: torch.Tensor) -> torch.Tensor:
-        """Closed-form transform of (P, 3) uint8 pixels, planar float32 arithmetic."""
+        """Closed-form transform of (P, 3) uint8 pixels in torch (any device), planar float32 arithmetic."""
         od = x.T.float().clamp_(min=1.0).div_(255.0).log_().neg_()   # (3, P) OD = -ln(max(I, 1) / 255)
         st_ = self._st_list
         lam = self.concentration_lambda
@@ -735,18 +691,17 @@ class StainNormalizer:
         g = self._ginv_list
         c0 = b0 * g[0][0] + b1 * g[1][0]                        # both stains active
         c1 = b0 * g[0][1] + b1 * g[1][1]
-        ok = (c0 >= 0) & (c1 >= 0)
-        b0.clamp_(min=0.0)
-        b1.clamp_(min=0.0)
-        use_h = b0 >= b1                                        # the better single stain (unit rows)
-        c0 = torch.where(ok, c0, torch.where(use_h, b0, 0.0))
-        c1 = torch.where(ok, c1, torch.where(use_h, 0.0, b1))
+        # exact non-negative solution without selects (see wsi_ad.stain_kernel): min(c, b) for a
+        # non-negative stain cosine (every fit), max(c, b) otherwise; then clamped at 0
+        pick = torch.minimum if self._cosine_nonnegative else torch.maximum
+        c0 = pick(c0, b0).clamp_(min=0.0)
+        c1 = pick(c1, b1).clamp_(min=0.0)
         r = self._render_list                                   # scale folded in: (2, 3)
         out = torch.empty((x.shape[0], 3), dtype=torch.uint8, device=x.device)
         for ch in range(3):
             v = c0 * r[0][ch] + c1 * r[1][ch]
             # OD above 20 renders as 0 anyway (255 e^-20 < 1e-6); clamping it keeps exp() out of float32
-            # denormals, which are ~100x slower on x86 (dark colours made building a colour table take 4 s).
+            # denormals, which are ~100x slower on x86.
             out[:, ch] = torch.exp(v.clamp_(max=20.0).neg_()).mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
         return out
 
