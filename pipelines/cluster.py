@@ -3,7 +3,9 @@
 * Local (default): one worker *process* per CPU core pair, one thread each (the stages release the GIL in
   OpenSlide, numpy and torch, but torch's own intra-op threads oversubscribe shared cores badly, so each
   worker gets ``threads_per_worker`` torch threads and no more). When CUDA devices are present, one extra
-  worker per GPU advertises the resource ``GPU=1`` and only it runs scoring tasks: one task per GPU.
+  worker per GPU advertises the resource ``GPU=1`` and only it runs scoring tasks: one task per GPU. The
+  CPU workers see no GPU (``CUDA_VISIBLE_DEVICES=""``): their stages run on the CPU (stain normalization
+  with its compiled CPU kernel) instead of each opening a CUDA context on the scoring GPU.
 * ``--scheduler tcp://HOST:PORT``: the same graph on an existing cluster. Scoring tasks ask for the
   ``GPU`` resource only when some worker advertises it (``dask worker --resources GPU=1``). Every worker
   must see the slide files, the output folder and the checkpoint under the same paths (a shared
@@ -114,7 +116,8 @@ def _local_cluster(n_workers: int, threads: int, gpus: int, options: dict):
     if gpus == 0:
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads, processes=True, **options)
     else:
-        worker_specs = {f"cpu-{i}": {"cls": Nanny, "options": {"nthreads": threads, "silence_logs": logging.ERROR}}
+        worker_specs = {f"cpu-{i}": {"cls": Nanny, "options": {"nthreads": threads, "silence_logs": logging.ERROR,
+                                                               "env": {"CUDA_VISIBLE_DEVICES": ""}}}
                         for i in range(n_workers)}
         for gpu in range(gpus):
             worker_specs[f"gpu-{gpu}"] = {"cls": Nanny, "options": {

@@ -105,6 +105,23 @@ def test_scoring_runs_only_on_the_worker_that_advertises_a_gpu(scored_setting, t
     assert {r["score_worker"] for r in result.results} == {"gpu-0"}
 
 
+def _worker_env(variable: str) -> str | None:
+    return os.environ.get(variable)
+
+
+def test_gpu_layout_hides_the_gpu_from_the_cpu_workers(monkeypatch):
+    """With GPUs, each CPU worker gets ``CUDA_VISIBLE_DEVICES=""`` (its stain normalization runs on the CPU
+    kernel instead of every worker opening a CUDA context on the scoring GPU); each GPU worker sees its own."""
+    import pipelines.cluster
+
+    monkeypatch.setattr(pipelines.cluster, "_cuda_devices", lambda: 1)
+    with pipelines.cluster.connect(workers=1) as (client, info):
+        names = {address: w["name"] for address, w in client.scheduler_info()["workers"].items()}
+        seen = client.run(_worker_env, "CUDA_VISIBLE_DEVICES")
+    assert info.gpu_workers == 1
+    assert {names[address]: value for address, value in seen.items()} == {"cpu-0": "", "gpu-0": "0"}
+
+
 def test_fail_fast_stops_the_batch_at_the_first_failure(scored_setting, tmp_path):
     folder = tmp_path / "slides"
     folder.mkdir()
