@@ -85,9 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-100 (default: %(default)s)")
     process.add_argument("--no-stain-norm", action="store_true",
                          help="store tiles as scanned, without Vahadane stain normalization")
-    process.add_argument("--stain-target", metavar="IMAGE_OR_SLIDE[:X,Y,W,H]",
+    process.add_argument("--stain-target", metavar="IMAGE_SLIDE_OR_JSON[:X,Y,W,H]",
                          help="fit the normalization target on an image file, a whole slide's tissue, or a "
-                              "level-0 region of a slide (default: the shipped H&E reference)")
+                              "level-0 region of a slide, or read it from a stain-fit JSON (default: the "
+                              "shipped H&E reference)")
     process.add_argument("--export-h5", action="store_true",
                          help="also write CLAM-style <out>/h5/<slide_id>.h5 with the level-0 tile coordinates")
     process.add_argument("--model", type=Path, help="checkpoint of `wsi-ad train`: also score every tile, make "
@@ -123,6 +124,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="Camelyon16 protocol (slide AUC, tile AUC, FROC) or tile-folder AUC")
     add_evaluate_arguments(evaluate)
+
+    norm = sub.add_parser(
+        "normalize-tiles", help="stain-normalize a folder of PNG/JPEG tiles, as slides are when tiled",
+        description="Stain-normalize every PNG/JPEG tile under SRC into OUT (same tree, names and formats): each "
+                    "tile with its own fitted stain matrix (or one per source slide with --group-pattern), to a "
+                    "target fitted on the training tiles. Train and evaluate on OUT afterwards. A re-run skips "
+                    "finished tiles; OUT/stain_normalization.json records the target and every tile's fit.")
+    norm.add_argument("src", type=Path, help="folder of tiles, searched recursively (e.g. an anomalib Folder dataset)")
+    norm.add_argument("out", type=Path, help="output folder: the same tree and file names, normalized")
+    norm.add_argument("--stain-target", metavar="IMAGE_SLIDE_OR_JSON[:X,Y,W,H]",
+                      help="the stain to normalize to (default: fitted on SRC/train/good, else on every tile of SRC); "
+                           "another folder's stain_normalization.json reuses its target")
+    norm.add_argument("--group-pattern", metavar="REGEX",
+                      help="regular expression on file names whose first group names the source slide: one stain "
+                           "fit per slide (pooled over its tiles) instead of one per tile")
+    norm.add_argument("--workers", type=int, default=1, help="processes (default: %(default)s)")
+    norm.set_defaults(handler=_cmd_normalize_tiles)
 
     info = sub.add_parser("info", help="print a slide's resolution, levels and where its µm/px came from")
     info.add_argument("slides", type=Path, nargs="+", help="slide files")
@@ -198,9 +216,15 @@ def _tiling_for_model(model: Path, config):
 
 
 def _stain_target(spec: str):
-    """``PATH`` or ``PATH:X,Y,W,H`` (level-0 region of a slide) -> the fitted target, with its method logged."""
+    """``PATH`` or ``PATH:X,Y,W,H`` (level-0 region of a slide) -> the fitted target, with its method logged;
+    a ``.json`` file (a stain fit, or a normalized tile folder's record) -> the target it holds."""
     from wsi_ad.stain import fit_target
+    from wsi_ad.tile_stain import load_target
 
+    if spec.lower().endswith(".json"):
+        if not Path(spec).is_file():
+            raise WsiAdError(f"--stain-target {spec}: file not found")
+        return load_target(spec)
     path, region = spec, None
     head, sep, tail = spec.rpartition(":")
     if sep and tail.count(",") == 3:
@@ -215,6 +239,26 @@ def _stain_target(spec: str):
     if target.method != "vahadane":
         log.warning("stain target %s: %s fit (%s)", spec, target.method, "; ".join(target.warnings))
     return target
+
+
+def _cmd_normalize_tiles(args: argparse.Namespace) -> int:
+    import re
+
+    from wsi_ad.tile_stain import normalize_tile_folder
+
+    if args.group_pattern:
+        try:
+            re.compile(args.group_pattern)
+        except re.error as exc:
+            raise WsiAdError(f"--group-pattern {args.group_pattern!r}: not a regular expression ({exc})") from exc
+    if args.workers < 1:
+        raise WsiAdError(f"--workers must be >= 1, got {args.workers}")
+    target = _stain_target(args.stain_target) if args.stain_target else None
+    result = normalize_tile_folder(args.src, args.out, target=target, group_pattern=args.group_pattern,
+                                   workers=args.workers, echo=print)
+    for rel, reason in result.failures.items():
+        print(f"failed: {rel}: {reason}", file=sys.stderr)
+    return 1 if result.failures else 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:

@@ -8,6 +8,9 @@ Folder layout of ``evaluate tiles``::
     DIR/test/<other>/*.png         anomalous test tiles (label 1), e.g. ``test/Ungood``
     DIR/valid/good, valid/<other>  optional validation split, evaluated the same way
 
+Stain-normalize the folder first (``wsi-ad normalize-tiles DIR OUT``, :mod:`wsi_ad.tile_stain`), train on
+``OUT/train/good`` and evaluate ``OUT``: patches from different hospitals differ more by stain than by tissue.
+
 Published reference for BMAD's Camelyon16 subset: best image AUROC about 0.78 (MKD).
 """
 
