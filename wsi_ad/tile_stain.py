@@ -37,13 +37,14 @@ import numpy as np
 from PIL import Image
 
 from wsi_ad.atomic import atomic_path, write_text_atomic
+from wsi_ad.errors import WsiAdError
+from wsi_ad.model.data import IMAGE_SUFFIXES
 from wsi_ad.stain import StainError, StainFit, StainNormalizer, StainParams, fit_stain, tissue_pixels
 
 log = logging.getLogger(__name__)
 
 #: The record of a normalized folder, written into the output folder.
 MANIFEST_NAME = "stain_normalization.json"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 #: Files between two saves of the manifest on long runs (what a killed run keeps).
 _MANIFEST_EVERY = 500
 
@@ -61,12 +62,15 @@ class TileFolderResult:
 
 
 def list_images(root: str | os.PathLike) -> list[Path]:
-    """PNG/JPEG files under ``root`` (recursively), sorted; hidden files (temporary writes) excluded."""
-    root = Path(root)
-    if not root.is_dir():
+    """PNG/JPEG files under the folder ``root`` (recursively), sorted; :class:`StainError` when there are none."""
+    from wsi_ad.scoring import find_image_tiles
+
+    if not Path(root).is_dir():
         raise StainError(f"{root}: not a folder of tiles")
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                  and not p.name.startswith("."))
+    try:
+        return find_image_tiles(root)
+    except WsiAdError as exc:
+        raise StainError(str(exc)) from exc
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
@@ -113,7 +117,7 @@ def default_target_files(src: str | os.PathLike) -> tuple[list[Path], str]:
     exists, else every tile under ``src``; and a description of that choice."""
     src = Path(src)
     train = src / "train" / "good"
-    if train.is_dir() and list_images(train):
+    if train.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in train.iterdir()):
         return list_images(train), str(train)
     return list_images(src), f"{src} (every tile)"
 
@@ -182,8 +186,6 @@ def normalize_tile_folder(src: str | os.PathLike, dst: str | os.PathLike, *, tar
     if dst == src or src in dst.parents:
         raise StainError(f"output folder {dst} must not lie inside the input folder {src}")
     files = list_images(src)
-    if not files:
-        raise StainError(f"{src}: no PNG/JPEG tiles found")
     pattern = re.compile(group_pattern) if group_pattern else None
     manifest_path = dst / MANIFEST_NAME
     previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
@@ -225,11 +227,13 @@ def normalize_tile_folder(src: str | os.PathLike, dst: str | os.PathLike, *, tar
     jobs = [(src, dst, rels, settings["target"], settings["params"], key[1] if key[0] == "group" else None)
             for key, rels in units.items()]
     done_since_save = 0
-    # spawn: the parent holds torch (and maybe its threads); forking that is not safe
-    executor = (ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-                if workers > 1 else _InProcess())
-    with executor as pool:
-        for unit in pool.map(_normalize_unit_star, jobs, chunksize=max(1, min(64, len(jobs) // (4 * workers) or 1))):
+    if workers > 1:  # spawn: the parent holds torch (and maybe its threads); forking that is not safe
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        units_done = pool.map(_normalize_unit_star, jobs, chunksize=max(1, min(64, len(jobs) // (4 * workers))))
+    else:
+        pool, units_done = None, map(_normalize_unit_star, jobs)
+    try:
+        for unit in units_done:
             for rel, entry, failure in unit:
                 if entry is not None:
                     entries[rel] = entry
@@ -243,6 +247,9 @@ def normalize_tile_folder(src: str | os.PathLike, dst: str | os.PathLike, *, tar
                 done_since_save = 0
                 if echo:
                     echo(f"{result.written + len(failures)}/{len(todo)} tiles normalized")
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     save()
     result.failures = failures
     for rel in relative:
@@ -257,19 +264,6 @@ def normalize_tile_folder(src: str | os.PathLike, dst: str | os.PathLike, *, tar
 
 def _normalize_unit_star(job: tuple) -> list[tuple[str, dict | None, str | None]]:
     return _normalize_unit(*job)
-
-
-class _InProcess:
-    """The ``map`` of an executor, run in this process (``workers=1``)."""
-
-    def __enter__(self) -> _InProcess:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-    def map(self, fn, iterable, chunksize: int = 1):
-        return map(fn, iterable)
 
 
 def load_target(path: str | os.PathLike) -> StainFit:
