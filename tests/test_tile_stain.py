@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from pipelines.cli import main
-from wsi_ad.stain import StainError, rgb_to_od, tissue_pixels
+from wsi_ad.optical_density import rgb_to_od
+from wsi_ad.stain import StainError, tissue_pixels
 from wsi_ad.tile_stain import MANIFEST_NAME, fit_tiles_target, list_images, load_target, normalize_tile_folder, read_rgb
 
 

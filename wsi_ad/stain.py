@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from wsi_ad.errors import WsiAdError
+from wsi_ad.optical_density import gram_inverse, rgb_to_od
 
 log = logging.getLogger(__name__)
 
@@ -231,13 +232,6 @@ DEFAULT_TARGET = StainFit(
 # --------------------------------------------------------------------------------------------------
 
 
-def rgb_to_od(rgb: np.ndarray) -> np.ndarray:
-    """Optical density ``-ln(max(I, 1) / 255)`` of uint8 RGB, float32, same shape (OD units, >= 0)."""
-    rgb = np.asarray(rgb)
-    lut = -np.log(np.maximum(np.arange(256, dtype=np.float64), 1.0) / 255.0)
-    return lut.astype(np.float32)[rgb]
-
-
 def _check_uint8_rgb(rgb: np.ndarray, what: str = "image") -> np.ndarray:
     rgb = np.asarray(rgb)
     if rgb.dtype != np.uint8:
@@ -277,11 +271,6 @@ def tissue_pixels(rgb: np.ndarray, params: StainParams = StainParams(),
 # --------------------------------------------------------------------------------------------------
 
 
-def _gram_inverse(stain_matrix: np.ndarray) -> np.ndarray:
-    s = np.asarray(stain_matrix, dtype=np.float64)
-    return np.linalg.inv(s @ s.T)
-
-
 def concentrations(od: np.ndarray, stain_matrix: np.ndarray, lambda_: float = 0.01) -> np.ndarray:
     """Exact ``argmin_{c >= 0} 0.5 ||od - c @ S||² + lambda_ * sum(c)`` per pixel, (..., 3) → (..., 2).
 
@@ -294,7 +283,7 @@ def concentrations(od: np.ndarray, stain_matrix: np.ndarray, lambda_: float = 0.
     s = np.asarray(stain_matrix, dtype=np.float64)
     sq = (s * s).sum(axis=1)
     b = od.reshape(-1, 3) @ s.T - lambda_
-    both = b @ _gram_inverse(s)
+    both = b @ gram_inverse(s)
     ok = (both >= 0).all(axis=1)
     pos = np.maximum(b, 0.0)
     use_h = pos[:, 0] ** 2 / sq[0] >= pos[:, 1] ** 2 / sq[1]
@@ -636,7 +625,7 @@ class StainNormalizer:
         self.threads = max(1, int(threads))
         self.concentration_lambda = float(concentration_lambda)
         s = _unit_rows(np.asarray(source.stain_matrix, np.float64))
-        ginv = _gram_inverse(s) if not self.identity else np.eye(2)
+        ginv = gram_inverse(s) if not self.identity else np.eye(2)
         scale = np.asarray(target.max_concentrations) / np.maximum(np.asarray(source.max_concentrations), 1e-6)
         render = scale[:, None] * np.asarray(target.stain_matrix, np.float64)
         # Fold the constants: b = od @ S.T - λ; both = b @ Ginv; out_od = (c * scale) @ T.

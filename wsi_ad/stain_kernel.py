@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from wsi_ad.optical_density import gram_inverse, rgb_to_od
+
 #: OD step of the exp table (OD units). Rounding thresholds of round(255 exp(-OD)) are >= 1/255 apart,
 #: so a cell of the table holds at most one threshold and one comparison settles the rounding.
 EXP_STEP_OD = 1.0 / 4096
@@ -73,11 +75,9 @@ class TransformTables:
     def build(cls, stain_matrix: np.ndarray, render: np.ndarray, concentration_lambda: float) -> TransformTables:
         """Tables for source ``stain_matrix`` (2 x 3, unit rows) and ``render`` (2 x 3: target stain matrix
         rows scaled by target max / source max concentration), λ = ``concentration_lambda`` (OD units)."""
-        from wsi_ad.stain import _gram_inverse, rgb_to_od
-
         s = np.asarray(stain_matrix, dtype=np.float64)
         render = np.asarray(render, dtype=np.float64)
-        gram_inverse = _gram_inverse(s)
+        ginv = gram_inverse(s)
         od = rgb_to_od(np.arange(256, dtype=np.uint8)).astype(np.float64)  # float32 values, as the torch path
         od_terms = np.empty((6, 256), dtype=np.float64)
         for k in range(2):
@@ -90,7 +90,7 @@ class TransformTables:
         with np.errstate(divide="ignore", invalid="ignore"):  # o = 0 cells: inf, never used
             round_down_above = np.where(exp_table > 0, -np.log((exp_table - 0.5) / 255.0), np.inf)
         f32 = np.float32
-        return cls(od_terms=od_terms.astype(f32), gram_inverse=gram_inverse.astype(f32),
+        return cls(od_terms=od_terms.astype(f32), gram_inverse=ginv.astype(f32),
                    cosine_nonnegative=bool(s[0] @ s[1] >= 0), render=render.astype(f32),
                    exp_table=exp_table, round_down_above=round_down_above.astype(f32))
 
