@@ -43,7 +43,7 @@ def main() -> None:
     from pipelines.cluster import connect
     from pipelines.process import BatchConfig, run_batch
     from wsi_ad.config import Config
-    from wsi_ad.model import train
+    from wsi_ad.detectors.loop import train
     from wsi_ad.synth import synthesize_slide
 
     slides_dir = args.work / "slides"
@@ -60,7 +60,7 @@ def main() -> None:
     model = args.work / "model.pt"
     if not model.exists():
         config = Config.from_yaml(REPO / "configs" / "demo_cpu.yaml")
-        config.train.flat_iterations = 50
+        config.section.flat_iterations = 50
         run_batch([slides_dir / "small_00.tif"], args.work / "train_stores", BatchConfig(), workers=1, echo=lambda s: None)
         train([args.work / "train_stores"], model, config, progress=False, echo=lambda s: None)
 

@@ -44,9 +44,10 @@ sys.path.insert(0, str(REPO))
 from pipelines.process import process_paths  # noqa: E402
 from wsi_ad.atomic import write_text_atomic  # noqa: E402
 from wsi_ad.config import Config  # noqa: E402
+from wsi_ad.detectors.loop import train  # noqa: E402
+from wsi_ad.detectors.scorer import load_scorer, score_store  # noqa: E402
 from wsi_ad.heatmap import heatmap_slide_score, smooth_heatmap, tile_grid  # noqa: E402
 from wsi_ad.metrics import roc_auc  # noqa: E402
-from wsi_ad.model import load_scorer, score_store, train  # noqa: E402
 from wsi_ad.preprocess import PreprocessConfig  # noqa: E402
 from wsi_ad.store import SlideStore, config_hash  # noqa: E402
 from wsi_ad.synth import synthesize_slide  # noqa: E402

@@ -25,18 +25,16 @@ import shutil
 import statistics
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from wsi_ad.config import Config
-from wsi_ad.model.autoencoder import ProgressiveAutoencoder
-from wsi_ad.model.backbones import BackboneError, backbone_spec, build_backbone, resolve_weights
-from wsi_ad.model.data import to_tensor
-from wsi_ad.model.perceptual import feature_stats
-from wsi_ad.model.scoring import Scorer, load_scorer
-from wsi_ad.model.trainer import autoencoder_config
+from wsi_ad.detectors import build
+from wsi_ad.detectors.scorer import Scorer, load_scorer
+from wsi_ad.features.backbones import BackboneError, backbone_spec, resolve_weights
 from wsi_ad.scoring import run_score_stage, score_stage_name
 from wsi_ad.store import SlideStore
 
@@ -72,16 +70,13 @@ def make_bench_store(source: Path, workdir: Path, n_tiles: int, magnification: s
 
 
 def untrained_scorer(config: Config, tiles: np.ndarray, device: torch.device) -> Scorer:
-    """A Scorer of ``config`` with seeded, untrained autoencoder weights and feature statistics measured
-    on ``tiles`` (timing does not depend on the weights)."""
+    """A Scorer of ``config``'s detector with seeded, untrained weights, fitted on ``tiles`` (its feature
+    statistics, when measured; timing does not depend on the weights)."""
     torch.manual_seed(0)
-    size = config.model.image_size
-    model = ProgressiveAutoencoder(autoencoder_config(config))
-    extractor = build_backbone(config.backbone.name, (size,), layers=config.backbone.layers)
+    detector = build(config, "cpu")
     with torch.no_grad():
-        mean, std = feature_stats(extractor, to_tensor(tiles[:256]), size)
-    payload = {"config": config.to_dict(), "model": model.state_dict(),
-               "feature_stats": {str(size): {"mean": mean, "std": std}}}
+        detector.fit(types.SimpleNamespace(sample=lambda n: tiles[:n]))
+    payload = {"detector": config.detector, "config": config.to_dict(), "state": detector.state_dict()}
     return Scorer(payload, device=device)
 
 
@@ -109,7 +104,7 @@ def bench_model(name: str, store: SlideStore, scorer: Scorer, batch_sizes: list[
             "compute_s_median": round(statistics.median(r["compute_s"] for r in runs), 3),
             "data_wait_s_median": round(statistics.median(r["data_wait_s"] for r in runs), 4),
         }
-    result = {"model": name, "model_id": scorer.model_id, "n_tiles": n, "feature_shape": list(scorer.feature_shape),
+    result = {"model": name, "model_id": scorer.model_id, "n_tiles": n, "map_shape": list(scorer.map_shape),
               "batch_sizes": per_batch}
     result["precision"] = compare_precision(store, scorer, max(batch_sizes), repeat)
     if scorer.device.type == "cuda":

@@ -1,5 +1,6 @@
-"""Training throughput on this machine: iterations/s and tiles/s at batch 128 for each backbone and stage
-size, FLOPs per tile, and the projected wall time of the paper's schedule. Prints JSON and writes
+"""Training throughput on this machine: iterations/s and tiles/s at batch 128 for each backbone and input
+size of the DPA's paper network (residual18), FLOPs per tile, and the projected wall time of the paper's
+progressive schedule. Prints JSON and writes
 benchmarks/results/train_<device>.json.
 
 vgg19 runs with RANDOM weights here (timing does not depend on the weights; no download needed).
@@ -19,11 +20,11 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from wsi_ad.config import PAPER_ITERATIONS, Config
-from wsi_ad.model.autoencoder import ProgressiveAutoencoder
-from wsi_ad.model.backbones import build_backbone
-from wsi_ad.model.perceptual import PerceptualLoss
-from wsi_ad.model.schedule import progressive_stages, stage_loss
+from wsi_ad.detectors.dpa.config import PAPER_ITERATIONS, DPAConfig
+from wsi_ad.detectors.dpa.networks import build_autoencoder
+from wsi_ad.detectors.dpa.schedule import phase_loss, progressive_phases
+from wsi_ad.features.backbones import build_backbone
+from wsi_ad.features.perceptual import PerceptualLoss
 
 SIZES = (16, 32, 64)
 
@@ -39,7 +40,7 @@ def main() -> None:
     b = args.batch_size
     results = {"device": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
                "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "batch_size": b,
-               "model": "paper: 64 px, 4x8x8 bottleneck, 4 channels (configs/camelyon16_paper.yaml)",
+               "model": "paper: residual18, 64 px, 4x8x8 bottleneck, 4 channels (configs/camelyon16_paper.yaml)",
                "note": "vgg19 timed with random weights; one training iteration = AE forward/backward + "
                        "backbone forward on input and reconstruction + Adam step", "backbones": {}}
     for name in ("efficientnet_lite0", "vgg19"):
@@ -47,14 +48,15 @@ def main() -> None:
         stats = {s: (torch.zeros(extractor(torch.zeros(1, 3, s, s, device=device), s).shape[1]),
                      torch.ones(extractor(torch.zeros(1, 3, s, s, device=device), s).shape[1])) for s in SIZES}
         loss = PerceptualLoss(extractor, stats).to(device)
-        model = ProgressiveAutoencoder().to(device)
+        paper = DPAConfig()
+        model = build_autoencoder(paper.architecture, paper.autoencoder_config()).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         per_size = {}
         for size in SIZES:
             x = torch.rand(b, 3, 64, 64, device=device) * 2 - 1
 
             def step(model=model, loss=loss, x=x, size=size, opt=opt):
-                value = stage_loss(model, loss, x, size, 1.0).mean()
+                value = phase_loss(model, loss, x, size, 1.0).mean()
                 opt.zero_grad(set_to_none=True)
                 value.backward()
                 opt.step()
@@ -72,7 +74,7 @@ def main() -> None:
             per_size[size] = {"s_per_iteration": round(sec, 3), "iterations_per_s": round(1 / sec, 3),
                               "tiles_per_s": round(b / sec, 1),
                               "gflops_per_tile_train_step": round(counter.get_total_flops() / b / 1e9, 4)}
-        stages = progressive_stages(PAPER_ITERATIONS, 16, 64)
+        stages = progressive_phases(PAPER_ITERATIONS, 16, 64)
         # transitions run both the new and the previous size's loss: charge the new size plus the halved one
         projected = sum(st.iterations * (per_size[st.size]["s_per_iteration"]
                                          + (per_size[st.size // 2]["s_per_iteration"] * 0.5 if st.kind == "trns" else 0))
@@ -84,7 +86,6 @@ def main() -> None:
     print(text)
     out = Path(__file__).parent / "results" / f"train_{device.type}.json"
     out.write_text(text + "\n")
-    _ = Config  # the paper's defaults are Config(); kept for readers
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ def run_camelyon16(data: str | Path, run: str | Path, *, model: str | Path | Non
                    tune_slides: int = 2, tiles_per_slide: int | None = None, device: str = "auto",
                    workers: int | None = None, scheduler: str | None = None, echo=print) -> dict:
     """Run the protocol (module docstring); returns the results also written to ``RUN/results.json``."""
-    from wsi_ad.model import train
+    from wsi_ad.detectors.loop import train
 
     started = time.perf_counter()
     layout, run = Camelyon16Layout(Path(data)), Path(run)
@@ -183,7 +183,7 @@ def _select(layout: Camelyon16Layout, run: Path, normal_stores: list[Path], base
         raise WsiAdError("--tune: no tumour training slide gave tiles")
     echo("Selecting hyperparameters (3-fold cross-validation by slide, one anomaly type) ...")
     outcome = tune(normal_stores, tumor_stores, layout.training_annotations, run / "tune", base_config=base,
-                   space=load_space(space), echo=lambda line: echo("    " + line))
+                   space=load_space(space, detector=base.detector), echo=lambda line: echo("    " + line))
     summary = {"results": str(outcome.results_path), "best_config": str(outcome.best_config_path),
                "best": outcome.best, "notes": outcome.notes}
     return _Config.from_yaml(outcome.best_config_path), summary

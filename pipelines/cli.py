@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipelines.evaluate import add_evaluate_arguments
 from pipelines.score import add_score_arguments, run_score
-from pipelines.train import add_train_arguments, run_train
+from pipelines.train import add_train_arguments, run_detectors, run_train
 from pipelines.tune import add_tune_arguments, run_tune
 from wsi_ad import __version__
 from wsi_ad.errors import WsiAdError
@@ -110,9 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("--fail-fast", action="store_true", help="stop at the first slide that fails")
     process.set_defaults(handler=_cmd_process)
 
-    train = sub.add_parser("train", help="train a deep perceptual autoencoder on normal tiles")
+    train = sub.add_parser("train", help="train an anomaly detector (default: the DPA) on normal tiles")
     add_train_arguments(train)
     train.set_defaults(handler=run_train)
+
+    detectors = sub.add_parser("detectors", help="list the registered anomaly detectors, one line each")
+    detectors.add_argument("--verbose", "-v", action="store_true",
+                           help="also the paper, score units, config section defaults and search parameters")
+    detectors.set_defaults(handler=run_detectors)
 
     score = sub.add_parser("score", help="score every tile of slide stores (or tile folders) with a trained model")
     add_score_arguments(score)
@@ -199,12 +204,13 @@ def _tiling_for_model(model: Path, config):
     import dataclasses
 
     from wsi_ad.config import Config
-    from wsi_ad.model import load_checkpoint
+    from wsi_ad.detectors import input_spec
+    from wsi_ad.detectors.checkpoint import load_checkpoint
     from wsi_ad.slide import magnification_to_mpp
 
-    trained = Config.from_dict(load_checkpoint(model)["config"])     # CheckpointError (a WsiAdError) if unusable
+    spec = input_spec(Config.from_dict(load_checkpoint(model)["config"]))  # CheckpointError (a WsiAdError) if unusable
     tiling = config.tiling
-    magnification, size = trained.data.magnification, trained.model.image_size
+    magnification, size = spec.magnification, spec.tile_px
     if magnification not in tiling.magnifications:
         tiling = dataclasses.replace(tiling, magnifications=(*tiling.magnifications, magnification))
     coarsest = max(tiling.magnifications, key=magnification_to_mpp)

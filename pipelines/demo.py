@@ -39,7 +39,7 @@ def demo_config() -> Config:
 
 def run_demo(out: str | Path, *, seed: int = 0, workers: int | None = None, echo=print) -> dict:
     """Run the demo into ``out``; returns the summary also written to ``out/summary.json``."""
-    from wsi_ad.model import train
+    from wsi_ad.detectors.loop import train
 
     out = Path(out)
     started = time.perf_counter()

@@ -105,8 +105,8 @@ def evaluate_tiles(root: str | Path, model: str | Path, out: str | Path | None =
     """Score every test (and validation) tile and compute the tile-level ROC AUC; writes ``scores_<split>.csv``
     (path, label, score), ``roc_<split>.png`` and ``results.json`` into ``out``. Returns the results."""
     from pipelines.report import plot_roc
+    from wsi_ad.detectors.scorer import load_scorer
     from wsi_ad.metrics import roc_auc, roc_points
-    from wsi_ad.model import load_scorer
     from wsi_ad.scoring import default_batch_size, score_image_folder, write_scores_csv
 
     root = Path(root)

@@ -1,6 +1,6 @@
 """``wsi-ad process``: the main job, a Dask graph over a folder of slides.
 
-Per slide, a chain of tasks (:mod:`pipelines.stages`): preprocess (open → tissue mask → stain fit → tiles +
+Per slide, a chain of tasks (:mod:`pipelines.tasks`): preprocess (open → tissue mask → stain fit → tiles +
 normalization) → score (with ``--model``; on a GPU worker when there is one) → aggregate (heatmap, slide
 score); then, once every slide is scored, one colour scale for the whole cohort and an overlay per slide;
 then the report. Slides run in parallel on a local ``dask.distributed`` cluster sized to the machine, or on
@@ -8,7 +8,7 @@ an existing cluster (``--scheduler``); the library (:mod:`wsi_ad`) knows nothing
 
 * **Resume**: every stage is skipped when the slide's store already holds it for the same settings (and the
   same source file size/mtime), so a re-run after ``kill -9`` redoes only what was unfinished.
-* **Failure isolation**: a slide that cannot be opened, read or processed fails alone, with its stage and
+* **Failure isolation**: a slide that cannot be opened, read or processed fails alone, with its task and
   reason in ``OUT/failures.json`` and the report; a worker that dies on a slide (a reader crash) fails that
   slide only. ``fail_fast`` stops at the first failure instead.
 * **Outputs** in OUT: ``<slide_id>.zarr`` stores, ``qc/``, ``overlays/``, ``report.json``, ``report.html``,
@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.stages import aggregate_slide, cohort_scale_of, new_result, overlay_slide, preprocess_slide, score_slide
+from pipelines.tasks import aggregate_slide, cohort_scale_of, new_result, overlay_slide, preprocess_slide, score_slide
 from wsi_ad.atomic import write_text_atomic
 from wsi_ad.errors import WsiAdError
 from wsi_ad.preprocess import PreprocessConfig
@@ -95,7 +95,7 @@ def process_paths(paths: Iterable[str | Path], out: str | Path, config: Preproce
                   mpp: float | None = None, export_h5: bool = False, echo=print) -> list[dict]:
     """Preprocess every slide named by ``paths`` in this process, one after the other (no Dask, no scoring).
 
-    Returns one result per slide (see :func:`pipelines.stages.preprocess_slide`); bad slides fail alone.
+    Returns one result per slide (see :func:`pipelines.tasks.preprocess_slide`); bad slides fail alone.
     """
     out = Path(out)
     slides = discover(paths)
@@ -163,7 +163,7 @@ def run_batch(paths: Sequence[str | Path], out: str | Path, batch: BatchConfig, 
     finally:
         run_log.removeHandler(handler)
         handler.close()
-    failures = [{key: r.get(key) for key in ("slide", "slide_id", "failed_stage", "error")}
+    failures = [{key: r.get(key) for key in ("slide", "slide_id", "failed_task", "error")}
                 for r in results if r["status"] == "failed"]
     write_text_atomic(out / "failures.json", json.dumps(failures, indent=2))
     seconds = time.perf_counter() - started
@@ -179,27 +179,27 @@ def _run_graph(client, info, slides: list[Path], out: Path, batch: BatchConfig, 
     run_id = uuid.uuid4().hex[:6]
     model = str(Path(batch.model).resolve()) if batch.model is not None else None
     chains: dict[str, object] = {}          # slide id -> last future of its chain
-    stage_of: dict[str, tuple[str, str]] = {}   # future key -> (slide id, stage)
+    task_of: dict[str, tuple[str, str]] = {}   # future key -> (slide id, task)
     submitted = []
 
-    def submit(func, *args, stage: str, sid: str, resources=None, **kwargs):
-        future = client.submit(func, *args, key=f"{stage}-{sid}-{run_id}", resources=resources, pure=False, **kwargs)
-        stage_of[future.key] = (sid, stage)
+    def submit(func, *args, task: str, sid: str, resources=None, **kwargs):
+        future = client.submit(func, *args, key=f"{task}-{sid}-{run_id}", resources=resources, pure=False, **kwargs)
+        task_of[future.key] = (sid, task)
         submitted.append(future)
         return future
 
     for path in slides:
         sid = path.stem
-        future = submit(preprocess_slide, str(path.resolve()), out.resolve(), batch.preprocess, stage="preprocess",
+        future = submit(preprocess_slide, str(path.resolve()), out.resolve(), batch.preprocess, task="preprocess",
                         sid=sid, mpp=batch.mpp, export_h5=batch.export_h5)
         if model is not None:
-            future = submit(score_slide, future, model, stage="score", sid=sid, resources=info.score_resources,
+            future = submit(score_slide, future, model, task="score", sid=sid, resources=info.score_resources,
                             device=batch.device, batch_size=batch.batch_size, backbone_weights=batch.backbone_weights)
-            future = submit(aggregate_slide, future, stage="aggregate", sid=sid, reducer=batch.reducer,
+            future = submit(aggregate_slide, future, task="aggregate", sid=sid, reducer=batch.reducer,
                             smoothing_um=batch.smoothing_um)
         chains[sid] = future
 
-    final = _watch(client, as_completed(submitted), stage_of, chains, slides, batch, echo)
+    final = _watch(client, as_completed(submitted), task_of, chains, slides, batch, echo)
     results = [final[path.stem] for path in slides]
     if model is not None and not (batch.fail_fast and any(r["status"] == "failed" for r in results)):
         try:
@@ -211,37 +211,37 @@ def _run_graph(client, info, slides: list[Path], out: Path, batch: BatchConfig, 
             _say(echo, f"cohort colour scale: {scale.vmin:.4g} – {scale.vmax:.4g} ({len(results)} slides)")
         overlays = {}
         for result in results:
-            overlays[result["slide_id"]] = submit(overlay_slide, result, scale, out.resolve(), stage="overlay",
+            overlays[result["slide_id"]] = submit(overlay_slide, result, scale, out.resolve(), task="overlay",
                                                   sid=result["slide_id"], annotations_dir=batch.annotations_dir,
                                                   mpp=batch.mpp)
-        final = _watch(client, as_completed(list(overlays.values())), stage_of, overlays, slides, batch, echo)
+        final = _watch(client, as_completed(list(overlays.values())), task_of, overlays, slides, batch, echo)
         results = [final[path.stem] for path in slides]
     return results
 
 
-def _watch(client, futures, stage_of, chains, slides, batch: BatchConfig, echo) -> dict[str, dict]:
+def _watch(client, futures, task_of, chains, slides, batch: BatchConfig, echo) -> dict[str, dict]:
     """Follow tasks as they finish (progress lines); returns each slide's final result. A task that errs
     (a worker died on the slide) fails its slide; with ``fail_fast`` the rest is cancelled."""
     finals: dict[str, dict] = {}
     n_slides = len(chains)
     slide_paths = {p.stem: p for p in slides}
     for future in futures:
-        sid, stage = stage_of[future.key]
+        sid, task = task_of[future.key]
         if future.status == "error":
             exc = future.exception()
             result = new_result(slide_paths[sid])
-            result.update(status="failed", failed_stage=stage,
+            result.update(status="failed", failed_task=task,
                           error=f"worker lost while processing this slide ({type(exc).__name__}: {exc})")
         elif future.status == "cancelled":
             result = new_result(slide_paths[sid])
-            result.update(status="failed", failed_stage=stage, error="cancelled (--fail-fast)")
+            result.update(status="failed", failed_task=task, error="cancelled (--fail-fast)")
         else:
             result = future.result()
         if sid in finals:               # a later task of a slide that already failed: nothing new to say
             continue
         if chains[sid].key == future.key or result["status"] == "failed":
             finals[sid] = result
-        _say(echo, _progress_line(len(finals), n_slides, sid, stage, result))
+        _say(echo, _progress_line(len(finals), n_slides, sid, task, result))
         if result.get("traceback"):
             run_log.error("%s: %s", sid, result["traceback"])
         if result["status"] == "failed" and batch.fail_fast:
@@ -252,27 +252,27 @@ def _watch(client, futures, stage_of, chains, slides, batch: BatchConfig, echo) 
     for sid, future in chains.items():         # cancelled or never reported
         if sid not in finals:
             result = new_result(slide_paths[sid])
-            result.update(status="failed", failed_stage=stage_of[future.key][1], error="cancelled (--fail-fast)")
+            result.update(status="failed", failed_task=task_of[future.key][1], error="cancelled (--fail-fast)")
             finals[sid] = result
     return finals
 
 
-def _progress_line(done: int, total: int, sid: str, stage: str, result: dict) -> str:
-    seconds = result.get("timings", {}).get(stage)
-    head = f"[{done:>{len(str(total))}}/{total} slides] {sid:<24} {stage:<10}"
+def _progress_line(done: int, total: int, sid: str, task: str, result: dict) -> str:
+    seconds = result.get("timings", {}).get(task)
+    head = f"[{done:>{len(str(total))}}/{total} slides] {sid:<24} {task:<10}"
     if result["status"] == "failed":
-        return f"{head} FAILED at {result.get('failed_stage')}: {result.get('error')}"
+        return f"{head} FAILED at {result.get('failed_task')}: {result.get('error')}"
     facts = []
-    if stage == "preprocess":
+    if task == "preprocess":
         facts.append(f"{result.get('n_tiles', 0)} tiles, {result.get('tissue_area_mm2', 0):.2f} mm² tissue")
         facts.append("reused" if not result.get("stages_run") else "ran " + "+".join(result["stages_run"]))
         facts.extend(f"warning: {w}" for w in result.get("warnings", [])[:2])
-    elif stage == "score":
+    elif task == "score":
         if result.get("tiles_per_s"):
             facts.append(f"{result['tiles_per_s']:.0f} tiles/s on {result.get('score_device')}")
         elif result.get("model_id"):
             facts.append("reused")
-    elif stage == "aggregate" and result.get("slide_score") is not None:
+    elif task == "aggregate" and result.get("slide_score") is not None:
         facts.append(f"slide score {result['slide_score']:.4g} ({result.get('reducer')})")
     if seconds is not None:
         facts.append(f"{seconds:.1f} s")

@@ -61,7 +61,7 @@ def report_rows(results: list[dict], labels: dict[str, str] | None = None) -> li
             "overlay": result.get("overlay_png"),
             "store": result.get("store"),
             "warnings": result.get("warnings", []),
-            "failed_stage": result.get("failed_stage"),
+            "failed_task": result.get("failed_task"),
             "error": result.get("error"),
         })
     return rows
@@ -185,7 +185,7 @@ def render_html(report: dict, out: Path) -> str:
         failed = row["status"] == "failed"
         thumb, overlay = _rel(row.get("thumbnail"), out), _rel(row.get("overlay"), out)
         timings = ", ".join(f"{k} {v:.1f}" for k, v in (row.get("stage_seconds") or {}).items() if v is not None)
-        notes = (f"<b>failed at {esc(str(row.get('failed_stage')))}</b>: {esc(str(row.get('error')))}" if failed
+        notes = (f"<b>failed at {esc(str(row.get('failed_task')))}</b>: {esc(str(row.get('error')))}" if failed
                  else esc("; ".join(row.get("warnings") or [])))
         score = f"{row['slide_score']:.4g}" if row.get("slide_score") is not None else "–"
         area = f"{row['tissue_area_mm2']:.2f}" if row.get("tissue_area_mm2") is not None else ""

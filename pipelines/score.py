@@ -90,7 +90,7 @@ def run_score(args: argparse.Namespace) -> int:
     """Run ``wsi-ad score``; returns 0 when every store (or the tile folder) was scored, 1 when some store
     failed (each failure printed on one line). Raises :class:`WsiAdError` on bad arguments or an unusable
     model, which the CLI prints as one line."""
-    from wsi_ad.model.scoring import load_scorer
+    from wsi_ad.detectors.scorer import load_scorer
 
     if args.tiles and args.csv is None:
         raise WsiAdError("--tiles needs --csv OUT.csv (where the tile scores go)")
@@ -98,7 +98,7 @@ def run_score(args: argparse.Namespace) -> int:
         raise WsiAdError("--csv and --image-mpp apply to --tiles only")
     device = None if args.device == "auto" else args.device
     if device == "cuda":
-        from wsi_ad.model.trainer import select_device
+        from wsi_ad.device import select_device
 
         select_device("cuda")                          # one-line error when CUDA is absent
     scorer = load_scorer(args.model, device=device, backbone_weights=args.backbone_weights)
@@ -106,7 +106,7 @@ def run_score(args: argparse.Namespace) -> int:
         from wsi_ad.scoring import default_batch_size
 
         args.batch_size = default_batch_size(scorer.device)
-    print(f"model {scorer.model_id} ({scorer.magnification}, {scorer.image_size} px) on {scorer.device} "
+    print(f"model {scorer.model_id} ({scorer.magnification}, {scorer.image_size} px, {scorer.units}) on {scorer.device} "
           f"({scorer.precision})", file=sys.stderr)
     if args.tiles:
         return _score_tiles(args, scorer)
@@ -171,7 +171,7 @@ def _score_stores(args: argparse.Namespace, scorer) -> int:
 def _overlays(scored: list[dict], annotations: Path | None) -> int:
     """Heatmap and slide score of every scored store, then overlays on one colour scale for all of them, in
     ``<store folder>/overlays``; returns the number of stores that failed here (each printed)."""
-    from pipelines.stages import aggregate_slide, cohort_scale_of, overlay_slide
+    from pipelines.tasks import aggregate_slide, cohort_scale_of, overlay_slide
 
     results = [aggregate_slide(r) for r in scored]
     scale = cohort_scale_of(results)
@@ -183,7 +183,7 @@ def _overlays(scored: list[dict], annotations: Path | None) -> int:
             result = overlay_slide(result, scale, Path(result["store"]).parent, annotations_dir=annotations)
         if result["status"] == "failed":
             failed += 1
-            print(f"{result['slide_id']}: failed at {result['failed_stage']}: {result['error']}")
+            print(f"{result['slide_id']}: failed at {result['failed_task']}: {result['error']}")
         else:
             print(f"{result['slide_id']}  slide score {result['slide_score']:.4g} ({result['reducer']})  "
                   f"overlay {result.get('overlay_png')}")

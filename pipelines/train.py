@@ -1,11 +1,14 @@
-"""``wsi-ad train``: train a Deep Perceptual Autoencoder on normal tiles (argument parsing and reporting only;
-the work is :func:`wsi_ad.model.trainer.train`).
+"""``wsi-ad train``: train any registered detector on normal tiles (argument parsing and reporting only; the
+work is :func:`wsi_ad.detectors.loop.train`).
 
 ``pipelines/cli.py`` wires them as the ``train`` subcommand::
 
     train = sub.add_parser("train", help=...)
     add_train_arguments(train)
     train.set_defaults(handler=run_train)
+
+Options shared by every detector are flags; anything in a detector's own section is set with
+``--set SECTION.KEY=VALUE`` (the value read as YAML), e.g. ``--set dpa.flat_iterations=200``.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import json
 import sys
 from pathlib import Path
 
-from wsi_ad.config import Config
-from wsi_ad.model.backbones import list_backbones
+import yaml
+
+from wsi_ad.config import Config, ConfigError
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,17 +31,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True,
                         help="checkpoint file to write; an existing one of the same configuration is resumed. "
                              "The loss curve goes beside it as <stem>.loss.csv and <stem>.loss.png")
-    parser.add_argument("--config", type=Path, help="YAML config (default: the paper's Camelyon16 setting; "
-                                                     "see configs/camelyon16_paper.yaml, configs/demo_cpu.yaml)")
-    parser.add_argument("--backbone", choices=list_backbones(), help="perceptual-loss feature extractor "
-                                                                     "(overrides the config; default vgg19)")
+    parser.add_argument("--config", type=Path, help="YAML config (default: the paper setting of --detector; see "
+                                                     "configs/camelyon16_paper.yaml, configs/demo_cpu.yaml)")
+    parser.add_argument("--detector", help="detector to train (`wsi-ad detectors` lists them; default: the "
+                                           "config's, else dpa). With --config, the two must agree")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config key, value as YAML (e.g. dpa.flat_iterations=200, "
+                             "dpa.progressive=false, data.rot90=true); repeatable")
     parser.add_argument("--backbone-weights", type=Path, help="pretrained backbone weight file (default: the "
                                                               "backbone's registered source, e.g. the torch hub cache)")
     parser.add_argument("--download-weights", action="store_true",
                         help="allow downloading missing backbone weights (vgg19: 548 MB from download.pytorch.org)")
-    parser.add_argument("--no-progressive", action="store_true",
-                        help="train at full size from the start (flat schedule) instead of progressive growing")
-    parser.add_argument("--iterations", type=int, help="flat schedule: number of iterations (implies --no-progressive)")
     parser.add_argument("--batch-size", type=int, help="tiles per iteration (overrides the config)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), help="default: cuda when available")
     parser.add_argument("--seed", type=int, help="random seed (overrides the config)")
@@ -48,35 +52,48 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``data`` (a config dict) with ``SECTION.KEY=VALUE`` overrides applied; ConfigError for a malformed one."""
+    for item in overrides:
+        name, sep, raw = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot or not key:
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. dpa.flat_iterations=200")
+        if section not in data or not isinstance(data[section], dict):
+            raise ConfigError(f"--set {item!r}: no config section {section!r} (sections: "
+                              f"{', '.join(k for k, v in data.items() if isinstance(v, dict))})")
+        try:
+            data[section][key] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {exc}") from exc
+    return data
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
-    """The config file (or the defaults) with the command-line overrides applied, validated."""
-    config = Config.from_yaml(args.config) if getattr(args, "config", None) else Config()
-    if args.backbone:
-        if args.backbone != config.backbone.name:
-            config.backbone.layers = None  # the config's layer names belong to its own backbone
-        config.backbone.name = args.backbone
-    if args.backbone_weights:
-        config.backbone.weights = str(args.backbone_weights)
-    if args.download_weights:
-        config.backbone.download = True
-    if args.no_progressive or args.iterations is not None:
-        config.train.progressive = False
-    if args.iterations is not None:
-        config.train.flat_iterations = args.iterations
+    """The config file (or the detector's defaults) with the command-line overrides applied, validated."""
+    detector = getattr(args, "detector", None)
+    if getattr(args, "config", None):
+        config = Config.from_yaml(args.config)
+        if detector and detector != config.detector:
+            raise ConfigError(f"--detector {detector} but {args.config} configures {config.detector!r}")
+    else:
+        config = Config(detector=detector) if detector else Config()
+    data = apply_overrides(config.to_dict(), getattr(args, "overrides", []) or [])
     for attr, section, key in (("batch_size", "train", "batch_size"), ("device", "train", "device"),
                                ("seed", "train", "seed"), ("checkpoint_every", "train", "checkpoint_every"),
                                ("image_mpp", "data", "image_mpp")):
         value = getattr(args, attr, None)
         if value is not None:
-            setattr(getattr(config, section), key, value)
-    config.validate()
+            data[section][key] = value
+    config = Config.from_dict(data)
+    config.set_backbone_weights(getattr(args, "backbone_weights", None), getattr(args, "download_weights", False))
     return config
 
 
 def run_train(args: argparse.Namespace) -> int:
     """Run ``wsi-ad train``; returns the exit status (0: trained or already complete). Raises
     :class:`wsi_ad.errors.WsiAdError` on bad input, which the CLI prints as one line."""
-    from wsi_ad.model.trainer import loss_paths, train
+    from wsi_ad.detectors.loop import loss_paths, train
 
     config = config_from_args(args)
 
@@ -86,8 +103,26 @@ def run_train(args: argparse.Namespace) -> int:
     result = train(args.paths, args.out, config, progress=not args.no_progress, echo=echo, overwrite=args.overwrite)
     csv_path, png_path = loss_paths(result.checkpoint)
     print(json.dumps({
-        "checkpoint": str(result.checkpoint), "model_id": result.model_id, "iterations": result.iterations,
-        "resumed_from": result.resumed_from, "complete": result.complete, "final_loss": result.final_loss,
-        "seconds": round(result.seconds, 1), "loss_csv": str(csv_path), "loss_png": str(png_path),
+        "detector": config.detector, "checkpoint": str(result.checkpoint), "model_id": result.model_id,
+        "iterations": result.iterations, "resumed_from": result.resumed_from, "complete": result.complete,
+        "final_loss": result.final_loss, "seconds": round(result.seconds, 1), "loss_csv": str(csv_path),
+        "loss_png": str(png_path),
     }, indent=2))
+    return 0
+
+
+def run_detectors(args: argparse.Namespace) -> int:
+    """``wsi-ad detectors``: one line per registered detector (name, input, summary); ``--verbose`` adds the
+    paper, the config section's keys with their defaults, the score units and the search parameters."""
+    from wsi_ad.detectors import get, input_spec, names
+
+    for name in names():
+        cls = get(name)
+        spec = input_spec(Config(detector=name))
+        print(f"{name:<10} {spec.tile_px} px at {spec.magnification}  {cls.summary}")
+        if getattr(args, "verbose", False):
+            print(f"{'':<10} paper: {cls.paper}")
+            print(f"{'':<10} score: {cls.score_units}")
+            print(f"{'':<10} config section '{name}': {json.dumps(Config(detector=name).to_dict()[name], default=str)}")
+            print(f"{'':<10} search parameters: {', '.join(sorted(cls.search_parameters)) or 'none'}")
     return 0

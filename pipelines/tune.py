@@ -85,7 +85,7 @@ def run_tune(args: argparse.Namespace) -> int:
     from wsi_ad.tuning import load_space, tune
 
     base = Config.from_yaml(args.base_config) if args.base_config else Config()
-    space = load_space(args.space)
+    space = load_space(args.space, detector=base.detector)
 
     def echo(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

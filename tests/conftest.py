@@ -73,7 +73,7 @@ def scored_setting(tmp_path_factory):
     from pipelines.process import process_paths
     from wsi_ad.annotations import write_asap_xml
     from wsi_ad.config import Config
-    from wsi_ad.model import train
+    from wsi_ad.detectors.loop import train
     from wsi_ad.preprocess import PreprocessConfig
     from wsi_ad.synth import synthesize_slide
 

@@ -18,11 +18,12 @@ from wsi_ad.store import SlideStore
 
 #: The small 64 px model of the conftest, trained only briefly: the protocol's plumbing is under test here.
 BRIEF = {
-    "model": {"image_size": 64, "latent_size": 8, "latent_channels": 4, "channels": [8, 8, 8, 8]},
-    "backbone": {"name": "efficientnet_lite0", "layers": {64: "block7"}},
-    "data": {"stats_tiles": 128, "buffer_tiles": 4096},
-    "train": {"progressive": False, "flat_iterations": 40, "batch_size": 16, "lr": 0.003, "checkpoint_every": 20,
-              "log_every": 10},
+    "detector": "dpa",
+    "dpa": {"architecture": "shallow", "image_size": 64, "latent_size": 8, "latent_channels": 4, "channels": [8, 8, 8, 8],
+            "backbone": "efficientnet_lite0", "layers": {64: "block7"}, "feature_stats": "train", "stats_tiles": 128,
+            "progressive": False, "flat_iterations": 40, "lr": 0.003},
+    "data": {"buffer_tiles": 4096},
+    "train": {"batch_size": 16, "checkpoint_every": 20, "log_every": 10},
 }
 
 

@@ -55,7 +55,7 @@ THUMB_MPP = 0.243 * 32
 def scored(scored_setting, tmp_path_factory):
     """Copies of the session's two stores, scored by the small model (``scores/<model_id>``, the scoring
     stage's contract), with their heatmap stages run with the defaults."""
-    from wsi_ad.model import load_scorer, score_store
+    from wsi_ad.detectors.scorer import load_scorer, score_store
 
     root = tmp_path_factory.mktemp("heatmap_stores")
     scorer = load_scorer(scored_setting["model"], device="cpu")

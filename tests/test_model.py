@@ -1,4 +1,5 @@
-"""The DPA building blocks: autoencoder, progressive fade-in, relative perceptual L1, backbones, config."""
+"""The DPA building blocks: the shallow autoencoder, progressive fade-in, relative perceptual L1 and its
+ImageNet statistics, backbones, config, checkpoints."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from wsi_ad.config import Config, ConfigError
-from wsi_ad.model.autoencoder import AutoencoderConfig, ProgressiveAutoencoder
-from wsi_ad.model.backbones import BackboneError, backbone_spec, build_backbone, list_backbones
-from wsi_ad.model.checkpoint import load_checkpoint, model_id, save_checkpoint
-from wsi_ad.model.perceptual import PerceptualLoss, feature_stats, relative_l1
-from wsi_ad.model.schedule import loss_sizes, progressive_stages, stage_loss
+from wsi_ad.detectors.checkpoint import load_checkpoint, model_id, save_checkpoint
+from wsi_ad.detectors.dpa.networks import AutoencoderConfig
+from wsi_ad.detectors.dpa.schedule import loss_sizes, phase_loss, progressive_phases
+from wsi_ad.detectors.dpa.shallow import ProgressiveAutoencoder
+from wsi_ad.features.backbones import BackboneError, backbone_spec, build_backbone, list_backbones
+from wsi_ad.features.perceptual import PerceptualLoss, feature_stats, imagenet_feature_stats, relative_l1
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,41 +80,88 @@ def test_alpha_zero_is_the_previous_resolution_and_alpha_one_the_new():
     assert not torch.allclose(mid, new) and not torch.allclose(mid, model(x, 64, 0.0))
 
 
-def test_stage_loss_at_alpha_zero_is_the_previous_stage_loss_on_halved_images(lite0):
+def test_phase_loss_at_alpha_zero_is_the_previous_phase_loss_on_halved_images(lite0):
     torch.manual_seed(1)
     model = ProgressiveAutoencoder()
     x = torch.rand(4, 3, 64, 64) * 2 - 1
     stats = {s: feature_stats(lite0, F.avg_pool2d(x, 64 // s), s) for s in (16, 32, 64)}
     loss = PerceptualLoss(lite0, stats)
-    torch.testing.assert_close(stage_loss(model, loss, x, 64, 0.0), stage_loss(model, loss, F.avg_pool2d(x, 2), 32, 1.0))
-    torch.testing.assert_close(stage_loss(model, loss, x, 32, 0.0), stage_loss(model, loss, x, 16, 1.0))
+    for resize in ("area", "bilinear"):   # by 2, bilinear resizing (the official code's) is 2 x 2 averaging
+        torch.testing.assert_close(phase_loss(model, loss, x, 64, 0.0, resize),
+                                   phase_loss(model, loss, F.avg_pool2d(x, 2), 32, 1.0, resize))
+    torch.testing.assert_close(phase_loss(model, loss, x, 32, 0.0, "area"), phase_loss(model, loss, x, 16, 1.0, "area"))
     full = loss(x, model(x, 64, 1.0))
-    torch.testing.assert_close(stage_loss(model, loss, x, 64, 1.0), full)
+    torch.testing.assert_close(phase_loss(model, loss, x, 64, 1.0), full)
+    # by 4 they differ: bilinear (align_corners=False, no anti-aliasing) averages the two middle pixels only
+    bilinear = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(bilinear, F.avg_pool2d(x[:, :, 1:-1, 1:-1], 2, stride=4, padding=0))
 
 
 def test_progressive_schedule_matches_the_paper():
-    stages = progressive_stages(Config().train.iterations, 16, 64)
-    assert [(s.name, s.iterations) for s in stages] == [
+    paper = Config().section
+    phases = progressive_phases(paper.iterations, 16, 64)
+    assert [(p.name, p.iterations) for p in phases] == [
         ("stab16", 20000), ("trns32", 20000), ("stab32", 20000), ("trns64", 20000), ("stab64", 8666)]
-    trns = stages[1]
-    assert trns.alpha(0) == 0 and trns.alpha(10000) == 0.5 and trns.alpha(19999) < 1
-    assert stages[0].alpha(5) == 1
-    assert loss_sizes(stages) == (16, 32, 64)
-    with pytest.raises(ValueError, match="lacks stage"):
-        progressive_stages({"stab16": 1}, 16, 64)
+    assert paper.flat_iterations == 34666                       # the official wo_pg schedule
+    trns = phases[1]
+    # alpha rises from 1/N to 1, incremented before each step (the official code)
+    assert trns.alpha(0) == 1 / 20000 and trns.alpha(9999) == 0.5 and trns.alpha(19999) == 1
+    assert phases[0].alpha(5) == 1
+    assert loss_sizes(phases) == (16, 32, 64)
+    with pytest.raises(ValueError, match="lacks phase"):
+        progressive_phases({"stab16": 1}, 16, 64)
 
 
 def test_config_files_load_and_the_paper_config_is_the_default(tmp_path):
-    assert Config.from_yaml(REPO_ROOT / "configs" / "camelyon16_paper.yaml") == Config()
+    paper = Config.from_yaml(REPO_ROOT / "configs" / "camelyon16_paper.yaml")
+    assert paper == Config() and paper.detector == "dpa"
+    assert (paper.section.architecture, paper.section.feature_stats, paper.train.amp) == ("residual18", "imagenet", False)
     demo = Config.from_yaml(REPO_ROOT / "configs" / "demo_cpu.yaml")
-    assert demo.backbone.name == "efficientnet_lite0" and demo.backbone.layers == {64: "block7"}
-    assert Config.from_dict({"backbone": {"layers": {"64": "block7"}}}).backbone.layers == {64: "block7"}
+    assert demo.section.backbone == "efficientnet_lite0" and demo.section.layers == {64: "block7"}
+    assert demo.section.architecture == "shallow" and demo.section.feature_stats == "train"
+    assert Config.from_dict({"dpa": {"layers": {"64": "relu3_2"}}}).section.layers == {64: "relu3_2"}
+    assert Config.from_dict(Config().to_dict()) == Config()
     with pytest.raises(ConfigError, match="input sizes"):
-        Config.from_dict({"backbone": {"layers": {"big": "block7"}}})
+        Config.from_dict({"dpa": {"layers": {"big": "block7"}}})
+    with pytest.raises(ConfigError, match="not layers of vgg19"):
+        Config.from_dict({"dpa": {"layers": {64: "block7"}}})
+    with pytest.raises(ConfigError, match="no shipped|ImageNet statistics"):   # none ship for efficientnet_lite0
+        Config.from_dict({"dpa": {"backbone": "efficientnet_lite0"}})
+    with pytest.raises(ConfigError, match="unknown detector 'nope'.*registered: dpa"):
+        Config.from_dict({"detector": "nope"})
+    with pytest.raises(ConfigError, match="unknown config section.*'model'"):
+        Config.from_dict({"detector": "dpa", "model": {}})
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: {batch_sise: 3}\n")
     with pytest.raises(ConfigError, match="batch_sise"):
         Config.from_yaml(bad)
+
+
+def test_configs_written_before_the_detector_interface_read_as_the_shallow_dpa():
+    old = {"model": {"image_size": 32, "latent_size": 8, "latent_channels": 4, "channels": [8, 8, 8]},
+           "backbone": {"name": "efficientnet_lite0", "weights": "/w.pth", "download": False, "layers": {"32": "block4"}},
+           "data": {"magnification": "10x", "stats_tiles": 64},
+           "train": {"progressive": True, "iterations": {"stab16": 2, "trns32": 1, "stab32": 1}, "flat_iterations": None,
+                     "lr": 0.003, "batch_size": 8}}
+    config = Config.from_dict(old)
+    s = config.section
+    assert config.detector == "dpa" and (s.architecture, s.feature_stats) == ("shallow", "train")
+    assert (s.image_size, s.channels, s.backbone, s.layers, s.backbone_weights) == (32, [8, 8, 8], "efficientnet_lite0",
+                                                                                     {32: "block4"}, "/w.pth")
+    assert (s.stats_tiles, s.lr, s.progressive, s.flat_iterations) == (64, 0.003, True, 4)  # None meant the sum
+    assert config.train.batch_size == 8 and config.train.amp is True          # the old default
+
+
+def test_imagenet_feature_statistics_of_the_official_code_ship_for_vgg19():
+    mean, std = imagenet_feature_stats("vgg19", "relu4_2")
+    assert mean.shape == std.shape == (512,) and mean.dtype == torch.float32
+    assert abs(float(mean.mean()) - 1.07) < 0.01 and abs(float(std.mean()) - 3.32) < 0.01   # METHODS.md §2.3
+    assert torch.all(std > 0) and torch.all(mean >= 0)                      # ReLU outputs
+    assert imagenet_feature_stats("vgg19", "relu3_2")[0].shape == (256,)
+    with pytest.raises(BackboneError, match="only for vgg19"):
+        imagenet_feature_stats("efficientnet_lite0", "block4")
+    with pytest.raises(BackboneError, match="layer 'relu9_9'"):
+        imagenet_feature_stats("vgg19", "relu9_9")
 
 
 def test_efficientnet_lite0_imagenet_weights_classify_a_cat():
@@ -168,13 +217,17 @@ def test_vgg19_without_weights_says_how_to_provide_them(tmp_path, monkeypatch):
 
 def test_checkpoint_roundtrip_and_model_id(tmp_path):
     model = ProgressiveAutoencoder()
-    payload = {"config": Config().to_dict(), "model": model.state_dict(),
-               "feature_stats": {"64": {"mean": torch.zeros(3), "std": torch.ones(3)}}, "iteration": 5,
-               "complete": False, "optimizer": None, "history": {"loss": [1.0]}}
+    payload = {"detector": "dpa", "config": Config().to_dict(),
+               "state": {"autoencoder": model.state_dict(),
+                         "feature_stats": {"64": {"mean": torch.zeros(3), "std": torch.ones(3)}}},
+               "training_state": None, "iteration": 5, "complete": False, "history": {"loss": [1.0]}}
     path = save_checkpoint(tmp_path / "m.pt", payload)
     loaded = load_checkpoint(path)
-    assert loaded["iteration"] == 5 and model_id(loaded) == model_id(payload)
-    assert model_id(payload).startswith("vgg19-") and len(model_id(payload)) == len("vgg19-") + 12
-    payload["model"] = {k: v + 1 for k, v in payload["model"].items()}
+    assert loaded["iteration"] == 5 and loaded["format"] == 2 and model_id(loaded) == model_id(payload)
+    assert model_id(payload).startswith("dpa-") and len(model_id(payload)) == len("dpa-") + 12
+    # runtime-only settings (where the backbone weights come from) do not change the id
+    payload["config"]["dpa"]["backbone_weights"] = "/elsewhere/vgg19.pth"
+    assert model_id(payload) == model_id(loaded)
+    payload["state"]["autoencoder"] = {k: v + 1 for k, v in payload["state"]["autoencoder"].items()}
     assert model_id(payload) != model_id(loaded)
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]    # no temporary left behind

@@ -19,10 +19,9 @@ import zarr
 from PIL import Image
 
 from pipelines.score import add_score_arguments, run_score
+from wsi_ad.detectors.scorer import load_scorer, score_store
 from wsi_ad.errors import WsiAdError
-from wsi_ad.model import load_scorer, score_store
 from wsi_ad.scoring import (
-    SCORE_UNITS,
     load_pixel_maps,
     load_scores,
     run_score_stage,
@@ -64,7 +63,8 @@ def test_scores_every_tile_into_the_store_and_reuses_them(scored_setting, scorer
     assert group["scores"].dtype == np.float32 and group["scores"].shape == (n,)
     attrs = dict(group.attrs)
     assert attrs["model_id"] == scorer.model_id and attrs["magnification"] == "10x"
-    assert attrs["checkpoint"] == str(Path(scored_setting["model"]).resolve()) and attrs["units"] == SCORE_UNITS
+    assert attrs["checkpoint"] == str(Path(scored_setting["model"]).resolve())
+    assert attrs["units"] == scorer.units == "relative perceptual L1 (unitless, higher = more anomalous)"
     np.testing.assert_array_equal(load_scores(SlideStore.open(store.path), scorer.model_id), scores)
 
     # Same model, same tiles: reused without scoring anything.
@@ -88,7 +88,7 @@ def test_unscored_store_has_no_scores(scored_setting, scorer):
 
 _KILLED_RUN = """
 import sys, time
-from wsi_ad.model import load_scorer
+from wsi_ad.detectors.scorer import load_scorer
 from wsi_ad.scoring import run_score_stage
 from wsi_ad.store import SlideStore
 scorer = load_scorer(sys.argv[1], device="cpu")
@@ -157,7 +157,7 @@ def test_pixel_maps_average_to_the_tile_score(scored_setting, scorer, tmp_path):
     scores, computed = run_score_stage(store, scorer, batch_size=64, chunk_tiles=64, pixel_maps=True)
     assert computed
     maps = load_pixel_maps(store, scorer.model_id)
-    _, h, w = scorer.feature_shape
+    h, w = scorer.map_shape
     assert maps.shape == (len(scores), h, w) and maps.dtype == np.float16 and (maps >= 0).all()
     np.testing.assert_allclose(maps.astype(np.float32).mean(axis=(1, 2)), scores, rtol=2e-3)
     attrs = dict(zarr.open_array(store.path / score_stage_name(scorer.model_id) / "pixel_maps", mode="r").attrs)

@@ -20,22 +20,32 @@ from PIL import Image
 from pipelines.process import process_paths
 from pipelines.train import add_train_arguments, config_from_args, run_train
 from wsi_ad.config import Config
-from wsi_ad.model import load_checkpoint, load_scorer, score_store, train
-from wsi_ad.model.data import DataError, TilePool, discover_sources
+from wsi_ad.detectors.checkpoint import load_checkpoint
+from wsi_ad.detectors.loop import train
+from wsi_ad.detectors.scorer import load_scorer, score_store
 from wsi_ad.preprocess import PreprocessConfig
 from wsi_ad.store import SlideStore
 from wsi_ad.synth import synthesize_slide
+from wsi_ad.tile_pool import DataError, TilePool, discover_sources
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 #: A tiny 32 px model (crops of the 64 px stores' tiles): seconds per run on 2 CPU cores.
 TINY = {
-    "model": {"image_size": 32, "latent_size": 8, "latent_channels": 4, "channels": [8, 8, 8]},
-    "backbone": {"name": "efficientnet_lite0"},
-    "data": {"stats_tiles": 128, "buffer_tiles": 4096},
-    "train": {"iterations": {"stab16": 10, "trns32": 6, "stab32": 6}, "batch_size": 16,
-              "checkpoint_every": 5, "log_every": 5},
+    "detector": "dpa",
+    "dpa": {"architecture": "shallow", "image_size": 32, "latent_size": 8, "latent_channels": 4, "channels": [8, 8, 8],
+            "backbone": "efficientnet_lite0", "feature_stats": "train", "stats_tiles": 128,
+            "iterations": {"stab16": 10, "trns32": 6, "stab32": 6}},
+    "data": {"buffer_tiles": 4096},
+    "train": {"batch_size": 16, "checkpoint_every": 5, "log_every": 5},
 }
+
+
+def _tiny(dpa=None, **train) -> Config:
+    data = json.loads(json.dumps(TINY))
+    data["dpa"].update(dpa or {})
+    data["train"].update(train)
+    return Config.from_dict(data)
 
 
 @pytest.fixture(scope="module")
@@ -50,49 +60,47 @@ def slides(tmp_path_factory):
     return {"normal": root / "normal", "tumor_store": root / "tumor" / "tumor_001.zarr", "tumor": tumor}
 
 
-def _tiny(**train) -> Config:
-    data = json.loads(json.dumps(TINY))
-    data["train"].update(train)
-    return Config.from_dict(data)
-
-
 def test_a_few_dozen_iterations_lower_the_loss(slides, tmp_path):
-    config = _tiny(progressive=False, flat_iterations=24, log_every=6)
+    config = _tiny({"progressive": False, "flat_iterations": 24}, log_every=6)
     result = train([slides["normal"]], tmp_path / "m.pt", config, progress=False, echo=lambda *a: None)
     history = load_checkpoint(result.checkpoint)["history"]
     assert history["iteration"] == [6, 12, 18, 24] and result.complete
     assert history["loss"][-1] < 0.9 * history["loss"][0]
-    assert (tmp_path / "m.loss.csv").read_text().startswith("iteration,stage,alpha,loss,tiles_per_s")
+    assert (tmp_path / "m.loss.csv").read_text().startswith("iteration,phase,tiles_per_s,loss,alpha")
     assert (tmp_path / "m.loss.png").stat().st_size > 1000
 
 
-def test_interrupted_run_resumes_at_its_iteration_and_matches_an_uninterrupted_one(slides, tmp_path):
-    # 12 iterations in three stages, stopped inside the fade-in stage (Adam state saved mid-stage)
-    config = _tiny(iterations={"stab16": 4, "trns32": 4, "stab32": 4}, batch_size=8)
+@pytest.mark.parametrize("architecture", ["residual18", "shallow"])
+def test_interrupted_run_resumes_at_its_iteration_and_matches_an_uninterrupted_one(slides, tmp_path, architecture):
+    # 12 iterations in three phases, stopped inside the fade-in phase (Adam state saved mid-phase)
+    phases = {"stab16": 4, "trns32": 4, "stab32": 4}
+    config = _tiny({"iterations": phases, "architecture": architecture}, batch_size=8)
     full = train([slides["normal"]], tmp_path / "full.pt", config, progress=False, echo=lambda *a: None)
     part = train([slides["normal"]], tmp_path / "part.pt", config, progress=False, echo=lambda *a: None, stop_after=6)
     assert not part.complete and load_checkpoint(tmp_path / "part.pt")["iteration"] == 6
-    assert load_checkpoint(tmp_path / "part.pt")["optimizer"] is not None
+    assert load_checkpoint(tmp_path / "part.pt")["training_state"]["optimizer"] is not None
     resumed = train([slides["normal"]], tmp_path / "part.pt", config, progress=False, echo=lambda *a: None)
     assert resumed.resumed_from == 6 and resumed.iterations == 12 and resumed.complete
     a, b = load_checkpoint(tmp_path / "full.pt"), load_checkpoint(tmp_path / "part.pt")
-    for key in a["model"]:
-        torch.testing.assert_close(a["model"][key], b["model"][key])
+    assert a["detector"] == b["detector"] == "dpa"
+    for key in a["state"]["autoencoder"]:
+        torch.testing.assert_close(a["state"]["autoencoder"][key], b["state"]["autoencoder"][key], rtol=0, atol=0)
     assert a["history"]["iteration"] == b["history"]["iteration"]
     assert full.model_id == resumed.model_id
     # a complete checkpoint is not retrained; a different configuration is refused
     again = train([slides["normal"]], tmp_path / "part.pt", config, progress=False, echo=lambda *a: None)
     assert again.resumed_from == 12
     with pytest.raises(Exception, match="different configuration.*train.batch_size"):
-        train([slides["normal"]], tmp_path / "part.pt", _tiny(iterations={"stab16": 4, "trns32": 4, "stab32": 4}, batch_size=4),
-              progress=False, echo=lambda *a: None)
+        train([slides["normal"]], tmp_path / "part.pt", _tiny({"iterations": phases, "architecture": architecture},
+                                                              batch_size=4), progress=False, echo=lambda *a: None)
 
 
 def test_killed_cli_run_continues_from_its_last_checkpoint(slides, tmp_path):
     out = tmp_path / "k.pt"
     cfg = tmp_path / "tiny.yaml"
     data = json.loads(json.dumps(TINY))
-    data["train"].update(iterations={"stab16": 400, "trns32": 6, "stab32": 6}, checkpoint_every=5)
+    data["dpa"].update(iterations={"stab16": 400, "trns32": 6, "stab32": 6})
+    data["train"].update(checkpoint_every=5)
     cfg.write_text(json.dumps(data))  # JSON is YAML
     cmd = [sys.executable, "-m", "pipelines.cli", "train", str(slides["normal"]), "--out", str(out), "--config", str(cfg),
            "--no-progress"]
@@ -116,18 +124,26 @@ def test_train_arguments_and_run_train(slides, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
     args = parser.parse_args([str(slides["normal"]), "--out", str(tmp_path / "c.pt"), "--config",
-                              str(REPO_ROOT / "configs" / "demo_cpu.yaml"), "--iterations", "3",
+                              str(REPO_ROOT / "configs" / "demo_cpu.yaml"), "--set", "dpa.flat_iterations=3",
                               "--batch-size", "4", "--no-progress"])
     config = config_from_args(args)
-    assert not config.train.progressive and config.train.flat_iterations == 3 and config.train.batch_size == 4
-    assert config.backbone.name == "efficientnet_lite0"
+    assert not config.section.progressive and config.section.flat_iterations == 3 and config.train.batch_size == 4
+    assert config.section.backbone == "efficientnet_lite0"
     assert run_train(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["complete"] and report["iterations"] == 3 and Path(report["loss_csv"]).exists()
-    args = parser.parse_args([str(slides["normal"]), "--out", str(tmp_path / "v.pt"), "--backbone", "vgg19",
+    assert report["detector"] == "dpa" and report["model_id"].startswith("dpa-")
+    # the paper setting (vgg19) with a weight file that is not there
+    args = parser.parse_args([str(slides["normal"]), "--out", str(tmp_path / "v.pt"), "--detector", "dpa",
                               "--backbone-weights", str(tmp_path / "nope.pth")])
     with pytest.raises(Exception, match="vgg19 weights file not found"):
         run_train(args)
+    for bad, match in ((["--set", "dpa.flat_iterations"], "SECTION.KEY=VALUE"), (["--set", "nope.x=1"], "no config section"),
+                       (["--set", "dpa.colour=red"], "unknown key.*colour"), (["--detector", "nope"], "unknown detector"),
+                       (["--detector", "other", "--config", str(REPO_ROOT / "configs" / "demo_cpu.yaml")],
+                        "configures 'dpa'")):
+        with pytest.raises(Exception, match=match):
+            config_from_args(parser.parse_args([str(slides["normal"]), "--out", str(tmp_path / "x.pt"), *bad]))
 
 
 def test_python_dash_c_entry_reports_bad_input_as_one_line(tmp_path):
@@ -164,7 +180,7 @@ def test_scores_per_tile_of_a_store_and_tumour_separation(slides, tmp_path):
     config = _tiny()
     train([slides["normal"]], tmp_path / "s.pt", config, progress=False, echo=lambda *a: None)
     scorer = load_scorer(tmp_path / "s.pt", device="cpu")
-    assert scorer.image_size == 32 and scorer.model_id.startswith("efficientnet_lite0-")
+    assert scorer.image_size == 32 and scorer.model_id.startswith("dpa-")
     tiles = SlideStore.open(slides["tumor_store"]).require("tiles")
     crops = np.asarray(tiles["10x"][:40, 16:48, 16:48])
     scores = scorer.score(crops, batch_size=16)

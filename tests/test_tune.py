@@ -21,7 +21,6 @@ from pipelines.tune import add_tune_arguments, run_tune
 from wsi_ad.config import Config, ConfigError
 from wsi_ad.errors import WsiAdError
 from wsi_ad.tuning import (
-    DEFAULT_SPACE,
     Fold,
     FoldLeakError,
     SearchSpace,
@@ -29,6 +28,7 @@ from wsi_ad.tuning import (
     anomaly_tiles,
     apply_params,
     check_disjoint,
+    default_space,
     evaluate_fold,
     load_space,
     normal_sample,
@@ -40,11 +40,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 #: A tiny 32 px model (centre/random crops of the 64 px store tiles), a few iterations: seconds per fold.
 TINY_BASE = {
-    "model": {"image_size": 32, "latent_size": 8, "latent_channels": 4, "channels": [8, 8, 8]},
-    "backbone": {"name": "efficientnet_lite0"},
-    "data": {"stats_tiles": 32, "buffer_tiles": 4096},
-    "train": {"progressive": False, "flat_iterations": 6, "batch_size": 8, "lr": 0.003, "checkpoint_every": 100,
-              "log_every": 3, "device": "cpu"},
+    "detector": "dpa",
+    "dpa": {"architecture": "shallow", "image_size": 32, "latent_size": 8, "latent_channels": 4, "channels": [8, 8, 8],
+            "backbone": "efficientnet_lite0", "feature_stats": "train", "stats_tiles": 32, "progressive": False,
+            "flat_iterations": 6, "lr": 0.003},
+    "data": {"buffer_tiles": 4096},
+    "train": {"batch_size": 8, "checkpoint_every": 100, "log_every": 3, "device": "cpu"},
 }
 #: Two real candidates (block 2 and block 7 features) and two at 20x, which the stores lack (skipped).
 TINY_SPACE = {"mode": "grid", "max_candidates": 4, "space": {"layer": ["block2", "block7"], "magnification": ["10x", "20x"]}}
@@ -173,7 +174,7 @@ def test_search_space_grid_random_and_parameters():
     assert len(picks) == 5 and len({json.dumps(p) for p in picks}) == 5   # distinct
     assert picks == default.candidates(max_candidates=5)                  # seeded
     assert picks != default.candidates(max_candidates=5, seed=1)
-    assert yaml.safe_load((REPO_ROOT / "configs" / "tune_space.yaml").read_text()) == DEFAULT_SPACE
+    assert yaml.safe_load((REPO_ROOT / "configs" / "tune_space.yaml").read_text()) == default_space("dpa")
     for bad, message in (({"space": {"nonsense": [1]}}, "unknown parameter"), ({"space": {"lr": 0.1}}, "non-empty list"),
                          ({"mode": "bayes", "space": {"lr": [1]}}, "mode"), ({"spaces": {}}, "unknown key")):
         with pytest.raises(TuneError, match=message):
@@ -182,12 +183,18 @@ def test_search_space_grid_random_and_parameters():
     paper = Config()   # progressive, 64 px, vgg19
     config = apply_params(paper, {"latent_size": 4, "channels": 8, "iterations": 44333, "layer": "relu3_2",
                                   "magnification": "20x", "train.batch_size": 64})
-    assert config.model.channels == [8] * 5                              # 64 -> 4 px: five levels
-    assert sum(config.train.iterations.values()) == 44333 and config.train.iterations["stab16"] == 10000
-    assert config.backbone.layers == {64: "relu3_2"} and config.data.magnification == "20x"
+    assert config.section.channels == [8] * 5                            # 64 -> 4 px: five levels
+    assert sum(config.section.iterations.values()) == 44333 and config.section.iterations["stab16"] == 10000
+    assert config.section.layers == {64: "relu3_2"} and config.data.magnification == "20x"
     assert config.train.batch_size == 64 and paper.train.batch_size == 128    # the base is untouched
-    flat = apply_params(Config.from_dict(TINY_BASE), {"iterations": 20, "lr": 0.01})
-    assert flat.train.flat_iterations == 20 and flat.train.lr == 0.01
+    flat = apply_params(Config.from_dict(TINY_BASE), {"iterations": 20, "lr": 0.01, "batch_size": 4, "dpa.stats_tiles": 16})
+    assert flat.section.flat_iterations == 20 and flat.section.lr == 0.01
+    assert flat.train.batch_size == 4 and flat.section.stats_tiles == 16
+    # a backbone change drops the base's layer names (they belong to its backbone)
+    lite = apply_params(paper, {"backbone": "efficientnet_lite0", "feature_stats": "train"})
+    assert lite.section.backbone == "efficientnet_lite0" and lite.section.layers is None
+    with pytest.raises(ConfigError, match="no config section 'model'"):
+        apply_params(paper, {"model.latent_size": 4})
     with pytest.raises(ConfigError, match="not layers of vgg19"):
         apply_params(paper, {"layer": "block7"})
     with pytest.raises(ConfigError):
@@ -245,16 +252,15 @@ def test_tiny_search_writes_results_and_a_trainable_best_config(search, setting)
     # best_config.yaml: a full config that `wsi-ad train --config` reads unchanged
     best_path = out / "best_config.yaml"
     config = Config.from_yaml(best_path)
-    assert config.model.image_size == 32 and config.backbone.layers == {32: ["block2", "block7"][best["index"] // 2]}
+    assert config.section.image_size == 32 and config.section.layers == {32: ["block2", "block7"][best["index"] // 2]}
     assert config.train.device == "cpu"                                  # the base config's, not a runtime override
     from pipelines.train import add_train_arguments, config_from_args, run_train
 
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
     args = parser.parse_args([str(setting["normals"][0]), "--out", str(out / "final.pt"), "--config", str(best_path),
-                              "--iterations", "2", "--no-progress"])
-    assert config_from_args(args).to_dict() == {**config.to_dict(), "train": {**config.to_dict()["train"],
-                                                                               "flat_iterations": 2}}
+                              "--set", "dpa.flat_iterations=2", "--no-progress"])
+    assert config_from_args(args).to_dict() == {**config.to_dict(), "dpa": {**config.to_dict()["dpa"], "flat_iterations": 2}}
     with one_torch_thread():
         assert run_train(args) == 0 and (out / "final.pt").is_file()
 
@@ -295,7 +301,7 @@ def test_fewer_slides_than_folds_and_failing_candidates_are_recorded(setting, tm
     assert document["settings"]["folds_requested"] == 3 and document["settings"]["folds"] == 2
     assert len(document["candidates"][0]["aucs"]) == 2 and document["notes"] == result.notes
     # every candidate failing on bad input (here: a missing backbone weight file) is recorded, then refused
-    broken = Config.from_dict({**TINY_BASE, "backbone": {"name": "efficientnet_lite0", "weights": str(tmp_path / "no.pth")}})
+    broken = Config.from_dict({**TINY_BASE, "dpa": {**TINY_BASE["dpa"], "backbone_weights": str(tmp_path / "no.pth")}})
     space = SearchSpace.from_dict({"mode": "grid", "space": {"layer": ["block7", "block4"]}})
     with pytest.raises(TuneError, match="no candidate could be evaluated"):
         tune(setting["normals"], [setting["tumor_store"]], setting["xml_dir"], tmp_path / "broken", base_config=broken,

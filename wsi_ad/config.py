@@ -1,15 +1,20 @@
-"""Typed configuration of model training, loaded from YAML; the defaults reproduce the paper (Camelyon16).
+"""Typed configuration of a detector and its training, loaded from YAML.
 
-A YAML file holds any subset of the sections below; unknown keys are an error (a typo must not silently
-fall back to a default)::
+A config names its detector and holds that detector's own section (named after it), plus the two sections
+every detector shares; unknown keys are an error (a typo must not silently fall back to a default)::
 
-    model:    {image_size: 64, latent_size: 8, latent_channels: 4, channels: [4, 4, 4, 4]}
-    backbone: {name: vgg19, weights: null, download: false, layers: null}
-    data:     {magnification: 10x, image_mpp: null, buffer_tiles: 65536, stats_tiles: 4096, tiles_per_slide: null,
+    detector: dpa                 # a registered detector (wsi-ad detectors lists them)
+    dpa:      {...}               # the detector's own section: its networks, losses, optimizers, schedule
+    data:     {magnification: 10x, image_mpp: null, buffer_tiles: 65536, tiles_per_slide: null,
                flips: true, rot90: false}
-    train:    {progressive: true, start_size: 16, iterations: {stab16: 20000, ...}, flat_iterations: null,
-               batch_size: 128, lr: 0.001, betas: [0.9, 0.999], seed: 0, checkpoint_every: 1000,
-               log_every: 50, device: auto, amp: true, channels_last: true}
+    train:    {batch_size: 128, seed: 0, checkpoint_every: 1000, log_every: 50, device: auto,
+               amp: false, channels_last: true}
+
+The detector's section is a dataclass of the detector's :attr:`~wsi_ad.detectors.base.Detector.config_class`
+(see its docstring); a missing ``detector`` key means ``dpa``. Files written before the detector interface
+(sections ``model``/``backbone``/``data``/``train``, the DPA only) are read as the DPA with the ``shallow``
+network they were trained with and feature statistics measured on the training tiles
+(:func:`upgrade_legacy`).
 
 See ``configs/camelyon16_paper.yaml`` and ``configs/demo_cpu.yaml``.
 """
@@ -25,7 +30,7 @@ import yaml
 
 from wsi_ad.errors import WsiAdError
 
-PAPER_ITERATIONS = {"stab16": 20000, "trns32": 20000, "stab32": 20000, "trns64": 20000, "stab64": 8666}
+DEFAULT_DETECTOR = "dpa"
 
 
 class ConfigError(WsiAdError):
@@ -45,134 +50,153 @@ def read_yaml(path: str | os.PathLike, error: type[WsiAdError] = WsiAdError, wha
 
 
 @dataclass
-class ModelSection:
-    """Autoencoder architecture (see :class:`wsi_ad.model.autoencoder.AutoencoderConfig`)."""
-
-    image_size: int = 64          # px, square input at the data magnification
-    latent_size: int = 8          # px, spatial size of the bottleneck
-    latent_channels: int = 4
-    channels: list[int] = field(default_factory=lambda: [4, 4, 4, 4])  # width at image_size, /2, ..., latent_size
-
-
-@dataclass
-class BackboneSection:
-    """Frozen feature extractor of the perceptual loss (see :mod:`wsi_ad.model.backbones`)."""
-
-    name: str = "vgg19"
-    weights: str | None = None    # explicit weight file; default: the registry's source
-    download: bool = False        # allow downloading missing hub-cache weights
-    layers: dict[int, str] | None = None  # feature layer overrides per input size (px), e.g. {64: block7}
-
-    def __post_init__(self):
-        if self.layers is not None:  # YAML/JSON may give "64": normalize to int sizes
-            if not isinstance(self.layers, dict):
-                raise ConfigError(f"backbone.layers must be a mapping of input size to layer name, got {self.layers!r}")
-            try:
-                self.layers = {int(k): str(v) for k, v in self.layers.items()} or None
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"backbone.layers keys must be input sizes in px, got {list(self.layers)}") from exc
-
-
-@dataclass
 class DataSection:
-    """Training tiles."""
+    """Training tiles, for every detector."""
 
     magnification: str = "10x"    # which tiles/<mag> array of the slide stores
     image_mpp: float | None = None  # µm/px of image-folder tiles; resized to the magnification when set
     buffer_tiles: int = 65536     # tiles held in memory at once (refilled from random store chunks)
-    stats_tiles: int = 4096       # normal tiles used for the per-channel feature statistics
     tiles_per_slide: int | None = None  # train on a seeded random sample of at most this many tiles per store
     flips: bool = True            # random horizontal and vertical flips
     rot90: bool = False           # random 90° rotations
 
+    def validate(self) -> None:
+        if self.buffer_tiles < 1:
+            raise ConfigError(f"data.buffer_tiles must be >= 1, got {self.buffer_tiles}")
+        if self.tiles_per_slide is not None and self.tiles_per_slide < 1:
+            raise ConfigError(f"data.tiles_per_slide must be >= 1 (or null for all), got {self.tiles_per_slide}")
+
 
 @dataclass
 class TrainSection:
-    """Optimisation and schedule. ``iterations`` maps stage names (stab16, trns32, ...) to iterations."""
+    """The shared training loop (:mod:`wsi_ad.detectors.loop`): batches, seed, checkpoints, device."""
 
-    progressive: bool = True
-    start_size: int = 16
-    iterations: dict[str, int] = field(default_factory=lambda: dict(PAPER_ITERATIONS))
-    flat_iterations: int | None = None  # --no-progressive: iterations at full size (default: the sum)
     batch_size: int = 128
-    lr: float = 1e-3
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     seed: int = 0
     checkpoint_every: int = 1000
     log_every: int = 50
     device: str = "auto"          # auto (cuda when available), cuda, cpu
-    amp: bool = True              # bf16 autocast on cuda
+    amp: bool = False             # bf16 autocast on cuda (the papers trained in fp32)
     channels_last: bool = True    # on cuda
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.checkpoint_every < 1 or self.log_every < 1:
+            raise ConfigError("train: batch_size, checkpoint_every and log_every must be positive")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ConfigError(f"train.device must be auto, cuda or cpu, got {self.device!r}")
+
+
+def _section_from_dict(section_cls: type, values: Any, name: str):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {name!r} must be a mapping")
+    known = {g.name for g in dataclasses.fields(section_cls)}
+    bad = set(values) - known
+    if bad:
+        raise ConfigError(f"unknown key(s) {sorted(bad)} in config section {name!r}; expected {sorted(known)}")
+    try:
+        return section_cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: {exc}") from exc
 
 
 @dataclass
 class Config:
-    model: ModelSection = field(default_factory=ModelSection)
-    backbone: BackboneSection = field(default_factory=BackboneSection)
+    """``detector`` (a registered name), ``section`` (that detector's config dataclass), ``data``, ``train``."""
+
+    detector: str = DEFAULT_DETECTOR
+    section: Any = None
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
 
+    def __post_init__(self):
+        if self.section is None:
+            self.section = detector_class(self.detector).config_class()
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"detector": self.detector, self.detector: dataclasses.asdict(self.section),
+                "data": dataclasses.asdict(self.data), "train": dataclasses.asdict(self.train)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Config:
-        data = dict(data or {})
-        sections = {f.name: f.type for f in dataclasses.fields(cls)}
-        unknown = set(data) - set(sections)
+        data = upgrade_legacy(dict(data or {}))
+        detector = data.pop("detector", DEFAULT_DETECTOR)
+        if not isinstance(detector, str):
+            raise ConfigError(f"detector must be a name, got {detector!r}")
+        detector_cls = detector_class(detector)
+        unknown = set(data) - {detector, "data", "train"}
         if unknown:
-            raise ConfigError(f"unknown config section(s) {sorted(unknown)}; expected {sorted(sections)}")
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            section_cls = f.default_factory().__class__
-            values = data.get(f.name) or {}
-            if not isinstance(values, dict):
-                raise ConfigError(f"config section {f.name!r} must be a mapping")
-            known = {g.name for g in dataclasses.fields(section_cls)}
-            bad = set(values) - known
-            if bad:
-                raise ConfigError(f"unknown key(s) {sorted(bad)} in config section {f.name!r}; expected {sorted(known)}")
-            kwargs[f.name] = section_cls(**values)
-        config = cls(**kwargs)
+            raise ConfigError(f"unknown config section(s) {sorted(unknown)}; expected {detector!r} (the detector's "
+                              "own section), 'data' and 'train'")
+        config = cls(detector=detector,
+                     section=_section_from_dict(detector_cls.config_class, data.get(detector), detector),
+                     data=_section_from_dict(DataSection, data.get("data"), "data"),
+                     train=_section_from_dict(TrainSection, data.get("train"), "train"))
         config.validate()
         return config
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> Config:
         data = read_yaml(path, ConfigError, "config")
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{path}: a config must be a mapping of sections")
         try:
             return cls.from_dict(data)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from exc
 
     def validate(self) -> None:
-        m, t = self.model, self.train
-        from wsi_ad.model.autoencoder import AutoencoderConfig
-
+        """Raise :class:`ConfigError` naming the first invalid key (the detector checks its own section)."""
+        self.data.validate()
+        self.train.validate()
         try:
-            AutoencoderConfig(m.image_size, m.latent_size, m.latent_channels, tuple(m.channels))
-        except ValueError as exc:
-            raise ConfigError(f"model: {exc}") from exc
-        if t.batch_size < 1 or t.lr <= 0 or t.checkpoint_every < 1 or t.log_every < 1:
-            raise ConfigError("train: batch_size, lr, checkpoint_every and log_every must be positive")
-        if t.device not in ("auto", "cuda", "cpu"):
-            raise ConfigError(f"train.device must be auto, cuda or cpu, got {t.device!r}")
-        if t.progressive and not (2 * m.latent_size <= t.start_size <= m.image_size):
-            raise ConfigError(f"train.start_size must lie in [{2 * m.latent_size}, {m.image_size}], got {t.start_size}")
-        if self.data.tiles_per_slide is not None and self.data.tiles_per_slide < 1:
-            raise ConfigError(f"data.tiles_per_slide must be >= 1 (or null for all), got {self.data.tiles_per_slide}")
-        if any(int(v) < 0 for v in t.iterations.values()):
-            raise ConfigError("train.iterations must be >= 0")
+            self.section.validate()
+        except ConfigError as exc:
+            raise ConfigError(f"{self.detector}: {exc}") from exc
+
+    def set_backbone_weights(self, path: str | os.PathLike | None = None, download: bool = False) -> None:
+        """Point the detector's pretrained backbone at a weight file and/or allow downloading its weights
+        (runtime settings: they change where weights come from, not what is computed). Raises
+        :class:`ConfigError` when the detector has no pretrained backbone."""
+        for key, value in (("backbone_weights", str(path) if path is not None else None), ("download_weights", download)):
+            if value in (None, False):
+                continue
+            if not hasattr(self.section, key):
+                raise ConfigError(f"detector {self.detector!r} has no pretrained backbone ({key} does not apply)")
+            setattr(self.section, key, value)
+
+
+def detector_class(name: str):
+    """The registered detector class ``name``; :class:`ConfigError` listing the choices when unknown."""
+    from wsi_ad.detectors import UnknownDetectorError, get
+
+    try:
+        return get(name)
+    except UnknownDetectorError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 #: Keys that change how a run is carried out but not what it computes; a resumed run may change them.
+#: ``(section, key)``, where section ``"detector"`` means the detector's own section.
 RUNTIME_KEYS = {("train", "checkpoint_every"), ("train", "log_every"), ("train", "device"),
-                ("backbone", "weights"), ("backbone", "download")}
+                ("detector", "backbone_weights"), ("detector", "download_weights")}
 
 
 def training_identity(config: Config) -> dict[str, Any]:
     """The config without its runtime-only keys: two runs with equal identities compute the same model."""
     data = config.to_dict()
     for section, key in RUNTIME_KEYS:
-        data[section].pop(key, None)
+        data[config.detector if section == "detector" else section].pop(key, None)
     return data
+
+
+def upgrade_legacy(data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict written before the detector interface (sections ``model``/``backbone``/``data``/``train``,
+    always the DPA) in today's form (see :func:`wsi_ad.detectors.dpa.config.upgrade_legacy`); any other dict
+    unchanged."""
+    if "detector" in data or not ({"model", "backbone"} & set(data)):
+        return data
+    from wsi_ad.detectors.dpa.config import upgrade_legacy as upgrade
+
+    return upgrade(data)

@@ -65,8 +65,8 @@ DEFAULT_Q = 99.0
 #: Default rim of tissue (in cells) left out of the slide score: tissue-edge tiles score high on normal tissue.
 DEFAULT_EDGE_CELLS = 2
 
-#: What the heatmap values are.
-SCORE_UNITS = "anomaly score (relative perceptual L1, unitless)"
+#: What the heatmap values are, when the score stage does not say.
+SCORE_UNITS = "anomaly score (unitless)"
 
 
 class HeatmapError(WsiAdError):
@@ -363,6 +363,7 @@ def heatmap_from_store(store: SlideStore | str | os.PathLike, model_id: str, *, 
     score = heatmap_slide_score(values, reducer, k=k, q=q, threshold=threshold, edge_cells=edge_cells)
     return Heatmap(values=values, level0_per_cell=stride0, tile0=tuple(geometry["tile0"]), mpp_x=mpp_x, mpp_y=mpp_y,
                    model_id=model_id, slide_score=score, reducer=reducer, reducer_params=params,
+                   units=store.require(f"scores/{model_id}")["scores"].attrs.get("units", SCORE_UNITS),
                    smoothing_um=None if smoothing_um is None else float(smoothing_um))
 
 

@@ -1,4 +1,4 @@
-"""The scoring stage: every tile of a slide store scored by a trained DPA, into ``scores/<model_id>``.
+"""The scoring stage: every tile of a slide store scored by a trained detector, into ``scores/<model_id>``.
 
 Layout written into the slide's store::
 
@@ -8,7 +8,7 @@ Layout written into the slide's store::
       scores       (N,) float32, tile i of ``tiles/<magnification>`` (same order as ``tiles/coords``),
                    chunked by ``chunk_tiles`` tiles (default 4096)
       done         (n_chunks,) bool: chunk k of ``scores`` (tiles k*chunk_tiles ...) is written
-      pixel_maps   optional, (N, h, w) float16 per-feature-cell maps (see :mod:`wsi_ad.model.scoring`);
+      pixel_maps   optional, (N, h, w) float16 per-feature-cell maps (see :mod:`wsi_ad.detectors.scorer`);
                    attrs give the cell size in µm and in level-0 pixels
 
 Scores are the relative perceptual L1 of each tile's reconstruction: unitless, higher = more anomalous.
@@ -43,17 +43,16 @@ import torch
 import zarr
 
 from wsi_ad.atomic import write_text_atomic
+from wsi_ad.detectors.scorer import Scorer
 from wsi_ad.errors import WsiAdError
 from wsi_ad.heatmap import load_scores  # noqa: F401  (re-exported: the stage's reader, torch-free, lives there)
-from wsi_ad.model.data import IMAGE_SUFFIXES, DataError, ImageFolderSource
-from wsi_ad.model.scoring import Scorer
 from wsi_ad.store import SlideStore, StoreError, config_hash
+from wsi_ad.tile_pool import IMAGE_SUFFIXES, DataError, ImageFolderSource
 
 #: Bump when the scores' meaning changes, to invalidate stored scores.
 SCORE_STAGE_VERSION = 1
 #: Tiles per chunk of ``scores`` (and of ``pixel_maps``): also the unit of resume.
 SCORE_CHUNK_TILES = 4096
-SCORE_UNITS = "relative perceptual L1 (unitless, higher = more anomalous)"
 
 Progress = Callable[[int, int], None]
 
@@ -104,7 +103,7 @@ def run_score_stage(store: SlideStore, scorer: Scorer, *, batch_size: int = 256,
     Args:
         store: the slide's store, opened writable (``mode="r+"``), with a complete ``tiles`` stage whose
             tiles are ``scorer.image_size`` px.
-        scorer: the trained model (:func:`wsi_ad.model.load_scorer`).
+        scorer: the trained model (:func:`wsi_ad.detectors.scorer.load_scorer`).
         batch_size: tiles per model batch; batches never straddle chunks.
         pixel_maps: also store ``pixel_maps`` (N, h, w) float16, one value per feature cell.
         progress: called as ``progress(done_tiles, total_tiles)`` once at the start (``done_tiles`` = tiles
@@ -184,7 +183,7 @@ def run_score_stage(store: SlideStore, scorer: Scorer, *, batch_size: int = 256,
     new_tiles = n - resumed_tiles
     group.attrs.update({
         "model_id": scorer.model_id, "magnification": scorer.magnification, "checkpoint": scorer.checkpoint,
-        "units": SCORE_UNITS, "device": str(scorer.device), "dtype": dtype, "chunk_tiles": chunk_tiles,
+        "units": scorer.units, "device": str(scorer.device), "dtype": dtype, "chunk_tiles": chunk_tiles,
         "batch_size": batch_size, "n_tiles": n, "config_hash": digest,
         "tiles_config_hash": store.stages["tiles"]["config_hash"], "tile_order": "as tiles/coords",
     })
@@ -202,22 +201,21 @@ def _create_arrays(store: SlideStore, group: zarr.Group, scorer: Scorer, n: int,
             del group[name]
     scores = group.create_array("scores", shape=(n,), dtype=np.float32, chunks=(max(1, min(chunk_tiles, n)),),
                                 fill_value=np.nan)
-    scores.attrs.update({"units": SCORE_UNITS})
+    scores.attrs.update({"units": scorer.units})
     # Flags are written after the chunk they stand for; one flag per zarr chunk, so no flag write rewrites
     # another's (each chunk file is replaced atomically by zarr).
     done = group.create_array("done", shape=(n_chunks,), dtype=bool, chunks=(1,), fill_value=False)
     maps = None
     if pixel_maps:
-        _, h, w = scorer.feature_shape
+        h, w = scorer.map_shape
         maps = group.create_array("pixel_maps", shape=(n, h, w), dtype=np.float16,
                                   chunks=(max(1, min(chunk_tiles, n)), h, w), fill_value=np.nan)
         mpp = float(tiles.attrs.get("mpp", 0.0)) or None
         cell_um = mpp * scorer.image_size / w if mpp else None
         slide_mpp = store.root.attrs.get("mpp_x")
         maps.attrs.update({
-            "reduction": "per feature cell: channel mean of |f(x) - f(recon)| / the tile's mean |f(x)| "
-                         "(map mean = tile score)",
-            "units": SCORE_UNITS, "cells": [h, w], "cell_px": scorer.image_size / w,
+            "reduction": scorer.detector.map_reduction,
+            "units": scorer.units, "cells": [h, w], "cell_px": scorer.image_size / w,
             "cell_um": cell_um,
             "cell_level0_px": cell_um / slide_mpp if cell_um and slide_mpp else None,
             "layout": "(tile, row, col); row 0 at the tile's top (level-0 y grows with row)",
@@ -343,7 +341,7 @@ def score_image_folder(paths_or_folder: str | os.PathLike | Iterable[str | os.Pa
                        batch_size: int = 256, image_mpp: float | None = None) -> list[tuple[Path, float]]:
     """Score PNG/JPEG tiles (files or folders, searched recursively): ``[(path, score), ...]`` in file order.
 
-    Images are loaded as for training (:class:`wsi_ad.model.data.ImageFolderSource`): resized by
+    Images are loaded as for training (:class:`wsi_ad.tile_pool.ImageFolderSource`): resized by
     ``image_mpp`` (their µm/px) over the model magnification's µm/px when given, enlarged when smaller
     than the model input, and cropped to ``scorer.image_size`` px, here at the centre. Memory holds one
     batch of images at a time.

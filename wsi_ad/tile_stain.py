@@ -42,8 +42,8 @@ from PIL import Image
 
 from wsi_ad.atomic import atomic_path, write_text_atomic
 from wsi_ad.errors import WsiAdError
-from wsi_ad.model.data import IMAGE_SUFFIXES
 from wsi_ad.stain import StainError, StainFit, StainNormalizer, StainParams, fit_stain, tissue_pixels
+from wsi_ad.tile_pool import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 

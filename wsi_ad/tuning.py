@@ -1,5 +1,7 @@
-"""Weakly-supervised hyperparameter selection (DPA paper, §2.3): pick the autoencoder's hyperparameters with
-normal tiles plus a FEW anomalies of ONE kind, none of which is ever trained on.
+"""Weakly-supervised hyperparameter selection (DPA paper, §2.3): pick a detector's hyperparameters with
+normal tiles plus a FEW anomalies of ONE kind, none of which is ever trained on. Works for every detector:
+the candidates vary the parameters the detector itself declares searchable
+(:attr:`~wsi_ad.detectors.base.Detector.search_parameters`) and the shared ones below.
 
 For each candidate configuration and each of K folds **split by slide** (every slide store is one slide),
 a model is trained on the normal stores of the other folds and scored on
@@ -25,22 +27,24 @@ Outputs in ``out`` (all written atomically):
   re-run reuses every finished candidate/fold whose configuration, training slides, validation slides
   and tile samples are unchanged, and resumes an interrupted training from its checkpoint.
 
-Search-space YAML (``--space``; see ``configs/tune_space.yaml``, which equals :data:`DEFAULT_SPACE`)::
+Search-space YAML (``--space``; see ``configs/tune_space.yaml``, which equals the DPA's
+``default_search_space``, the space used when none is given)::
 
     mode: random            # grid: every combination (there must be at most max_candidates);
                             # random: a seeded sample of max_candidates distinct combinations
     max_candidates: 8
     seed: 0                 # of the random sample
     space:                  # parameter -> list of values; every key is optional
-      latent_size: [4, 8]             # model.latent_size, px (bottleneck side)
-      latent_channels: [4]            # model.latent_channels
-      channels: [4, 8]                # int: that width at every level; list: model.channels per level
-      lr: [0.001, 0.0003]             # train.lr
-      iterations: [44333, 88666]      # int: total iterations (flat: train.flat_iterations; progressive:
-                                      #   train.iterations scaled to that sum); mapping: train.iterations
-      layer: [relu4_2, relu3_2]       # backbone feature layer at model.image_size (backbone.layers)
-      magnification: [10x, 20x]       # data.magnification: tiles/<mag> must exist in every store
-      train.batch_size: [64, 128]     # any other Config key, as section.key
+      magnification: [10x, 20x]       # shared: data.magnification (tiles/<mag> must exist in every store)
+      batch_size: [64, 128]           # shared: train.batch_size
+      train.seed: [0, 1]              # any Config key, as section.key (the detector's section by its name)
+      # the detector's own parameters, e.g. the DPA's (wsi_ad.detectors.dpa.detector.DPA.apply_search_params):
+      latent_size: [4, 8]             # dpa.latent_size, px (bottleneck side)
+      channels: [4, 8]                # int: that width at every level; list: dpa.channels per level
+      lr: [0.001, 0.0003]             # dpa.lr
+      iterations: [44333, 88666]      # int: total iterations (flat: dpa.flat_iterations; progressive:
+                                      #   dpa.iterations scaled to that sum); mapping: dpa.iterations
+      layer: [relu4_2, relu3_2]       # backbone feature layer at dpa.image_size (dpa.layers)
 
 Candidates whose magnification some store lacks, or whose tiles there are smaller than the model input,
 are skipped with the reason recorded; so are combinations that make an invalid Config. A candidate whose
@@ -48,7 +52,7 @@ training fails on bad input (a :class:`wsi_ad.errors.WsiAdError`) is recorded as
 goes on.
 
 Tiles larger than the model input (e.g. 64 px store tiles for a 32 px model, or 128 px tiles at 20x) are
-trained on random crops (:mod:`wsi_ad.model.data`) and scored on their centre crop. Tumour labels come
+trained on random crops (:mod:`wsi_ad.tile_pool`) and scored on their centre crop. Tumour labels come
 from each tile's full level-0 footprint (``tiles`` attribute ``geometry.tile0``), so the centre crop of an
 anomaly tile lies inside the tumour too, and every candidate sees the same anomaly tiles.
 """
@@ -73,6 +77,7 @@ import yaml
 from wsi_ad import __version__
 from wsi_ad.atomic import write_text_atomic
 from wsi_ad.config import Config, ConfigError, read_yaml
+from wsi_ad.detectors import input_spec
 from wsi_ad.errors import WsiAdError
 from wsi_ad.store import STORE_SUFFIX, SlideStore, StoreError, is_store_path, stores_in
 
@@ -80,37 +85,11 @@ RESULTS_NAME = "tune_results.json"
 BEST_CONFIG_NAME = "best_config.yaml"
 RUNS_DIR = "runs"
 
-#: The default search space (the paper's Camelyon16 setting as base): equal to configs/tune_space.yaml.
-DEFAULT_SPACE: dict[str, Any] = {
-    "mode": "random",
-    "max_candidates": 8,
-    "seed": 0,
-    "space": {
-        "latent_size": [4, 8],
-        "channels": [4, 8],
-        "lr": [0.001, 0.0003],
-        "iterations": [44333, 88666],
-        "layer": ["relu4_2", "relu3_2"],
-        "magnification": ["10x", "20x"],
-    },
-}
-
-#: Short parameter names and the Config key each sets (``channels``, ``iterations`` and ``layer`` also
-#: accept the shorthand forms described in the module docstring).
-SHORT_KEYS: dict[str, tuple[str, str]] = {
-    "latent_size": ("model", "latent_size"),
-    "latent_channels": ("model", "latent_channels"),
-    "image_size": ("model", "image_size"),
-    "channels": ("model", "channels"),
-    "lr": ("train", "lr"),
-    "batch_size": ("train", "batch_size"),
-    "iterations": ("train", "iterations"),
-    "layer": ("backbone", "layers"),
+#: Search parameters every detector has, and the Config key each sets.
+SHARED_KEYS: dict[str, tuple[str, str]] = {
     "magnification": ("data", "magnification"),
-    "backbone": ("backbone", "name"),
+    "batch_size": ("train", "batch_size"),
 }
-#: Applied after the plain keys, because they depend on them (sizes, schedule kind, backbone).
-_DEPENDENT = ("channels", "iterations", "layer")
 
 
 class TuneError(WsiAdError):
@@ -123,11 +102,18 @@ class FoldLeakError(TuneError):
 
 # -- the search space -----------------------------------------------------------------------------------------
 
-def _config_keys() -> dict[str, set[str]]:
+def _known_parameter(name: str) -> bool:
+    """Whether ``name`` is a shared parameter, a registered detector's search parameter, or section.key."""
     import dataclasses
 
-    base = Config()
-    return {f.name: {g.name for g in dataclasses.fields(getattr(base, f.name))} for f in dataclasses.fields(Config)}
+    from wsi_ad.config import DataSection, TrainSection
+    from wsi_ad.detectors import get, names
+
+    if name in SHARED_KEYS or any(name in get(d).search_parameters for d in names()):
+        return True
+    section, _, key = str(name).partition(".")
+    classes = {"data": DataSection, "train": TrainSection, **{d: get(d).config_class for d in names()}}
+    return section in classes and key in {f.name for f in dataclasses.fields(classes[section])}
 
 
 @dataclass(frozen=True)
@@ -150,13 +136,11 @@ class SearchSpace:
             raise TuneError(f"search space: max_candidates must be a positive integer, got {self.max_candidates!r}")
         if not isinstance(self.params, Mapping) or not self.params:
             raise TuneError("search space: 'space' must be a non-empty mapping of parameter -> list of values")
-        sections = _config_keys()
         for name, values in self.params.items():
-            if name not in SHORT_KEYS:
-                section, _, key = str(name).partition(".")
-                if key not in sections.get(section, ()):
-                    raise TuneError(f"search space: unknown parameter {name!r}; use one of {sorted(SHORT_KEYS)} "
-                                    "or a Config key as section.key (e.g. train.batch_size)")
+            if not _known_parameter(name):
+                raise TuneError(f"search space: unknown parameter {name!r}; use a detector's search parameter "
+                                f"(wsi-ad detectors), one of {sorted(SHARED_KEYS)}, or a Config key as section.key "
+                                "(e.g. train.batch_size)")
             if not isinstance(values, list) or not values:
                 raise TuneError(f"search space: {name!r} must be a non-empty list of values, got {values!r}")
 
@@ -217,83 +201,54 @@ class SearchSpace:
         return out
 
 
-def load_space(path: str | os.PathLike | None = None) -> SearchSpace:
-    """The search space of a YAML file, or :data:`DEFAULT_SPACE`."""
-    return SearchSpace.from_yaml(path) if path is not None else SearchSpace.from_dict(copy.deepcopy(DEFAULT_SPACE))
+def default_space(detector: str = "dpa") -> dict[str, Any]:
+    """The default search-space mapping of ``detector`` (its ``default_search_space``); TuneError when it has none."""
+    from wsi_ad.detectors import get
+
+    space = get(detector).default_search_space
+    if space is None:
+        raise TuneError(f"detector {detector!r} has no default search space; give one with --space")
+    return copy.deepcopy(dict(space))
 
 
-def _levels(image_size: int, latent_size: int) -> int:
-    """Number of autoencoder resolution levels (widths in ``model.channels``) from input to bottleneck."""
-    image_size, latent_size = int(image_size), int(latent_size)
-    ratio = image_size // latent_size if latent_size >= 1 and image_size % latent_size == 0 else 0
-    if ratio < 1 or ratio & (ratio - 1):
-        raise ConfigError(f"model: image_size / latent_size must be a power of two, got {image_size}/{latent_size}")
-    return int(round(math.log2(ratio))) + 1
-
-
-def _scaled_iterations(stages: Mapping[str, int], total: int) -> dict[str, int]:
-    """``stages`` (name -> iterations) scaled proportionally to sum to ``total`` (rounding on the last stage)."""
-    names = list(stages)
-    base = sum(int(v) for v in stages.values())
-    if base <= 0:
-        raise ConfigError("iterations: the base config's train.iterations sum to 0; give a mapping instead")
-    out = {k: int(round(int(stages[k]) * total / base)) for k in names}
-    last = [k for k in names if int(stages[k]) > 0][-1]
-    out[last] = max(0, out[last] + total - sum(out.values()))
-    return out
+def load_space(path: str | os.PathLike | None = None, detector: str = "dpa") -> SearchSpace:
+    """The search space of a YAML file, or ``detector``'s default (:func:`default_space`)."""
+    return SearchSpace.from_yaml(path) if path is not None else SearchSpace.from_dict(default_space(detector))
 
 
 def apply_params(base: Config, params: Mapping[str, Any]) -> Config:
-    """A copy of ``base`` with the search-space ``params`` applied (see the module docstring), validated.
+    """A copy of ``base`` with the search-space ``params`` applied (see the module docstring), validated: shared
+    parameters and ``section.key`` names set their key; the others are the detector's own, applied by its
+    :meth:`~wsi_ad.detectors.base.Detector.apply_search_params`.
 
-    Raises :class:`wsi_ad.config.ConfigError` for a combination that makes no valid Config.
+    Raises :class:`wsi_ad.config.ConfigError` for a parameter the detector does not have or a combination
+    that makes no valid Config.
     """
-    from wsi_ad.model.backbones import LAYER_NAMES
+    from wsi_ad.detectors import get
     from wsi_ad.slide import magnification_to_mpp
 
+    detector = get(base.detector)
     data = copy.deepcopy(base.to_dict())
-    base_backbone = data["backbone"]["name"]
+    own: dict[str, Any] = {}
     for name, value in params.items():
-        if name in _DEPENDENT:
+        if name in SHARED_KEYS:
+            section, key = SHARED_KEYS[name]
+        elif name in detector.search_parameters:
+            own[name] = copy.deepcopy(value)
             continue
-        section, key = SHORT_KEYS[name] if name in SHORT_KEYS else str(name).split(".", 1)
+        elif "." in str(name):
+            section, key = str(name).split(".", 1)
+            if section not in data or section == "detector":
+                raise ConfigError(f"{name}: no config section {section!r} for detector {base.detector!r}")
+        else:
+            raise ConfigError(f"detector {base.detector!r} has no search parameter {name!r} "
+                              f"(it has {', '.join(sorted(detector.search_parameters)) or 'none'})")
         data[section][key] = copy.deepcopy(value)
-    if data["backbone"]["name"] != base_backbone:
-        data["backbone"]["layers"] = None  # the base config's layer names belong to its own backbone
-    if "channels" in params:
-        value = params["channels"]
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = [value] * _levels(data["model"]["image_size"], data["model"]["latent_size"])
-        if not isinstance(value, list):
-            raise ConfigError(f"channels must be an int (every level) or a list of widths, got {value!r}")
-        data["model"]["channels"] = list(value)
-    if "iterations" in params:
-        value = params["iterations"]
-        if isinstance(value, Mapping):
-            data["train"]["iterations"] = {str(k): int(v) for k, v in value.items()}
-        elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            if data["train"]["progressive"]:
-                data["train"]["iterations"] = _scaled_iterations(data["train"]["iterations"], value)
-            else:
-                data["train"]["flat_iterations"] = value
-        else:
-            raise ConfigError(f"iterations must be a non-negative int (total) or a mapping of stage -> iterations, got {value!r}")
-    if "layer" in params:
-        value = params["layer"]
-        if isinstance(value, Mapping):
-            data["backbone"]["layers"] = {int(k): str(v) for k, v in value.items()}
-        else:
-            size = int(data["model"]["image_size"])
-            data["backbone"]["layers"] = {**(data["backbone"]["layers"] or {}), size: str(value)}
+    data[base.detector] = detector.apply_search_params(data[base.detector], own)
     try:
         config = Config.from_dict(data)
     except (TypeError, ValueError) as exc:  # a value of the wrong type in a section
         raise ConfigError(f"invalid value: {exc}") from exc
-    known = LAYER_NAMES.get(config.backbone.name)
-    if known is not None and config.backbone.layers:
-        bad = sorted({v for v in config.backbone.layers.values() if v not in known})
-        if bad:
-            raise ConfigError(f"backbone.layers: {bad} not layers of {config.backbone.name} (choose from {list(known)})")
     try:
         magnification_to_mpp(config.data.magnification)
     except ValueError as exc:
@@ -573,7 +528,9 @@ def evaluate_fold(config: Config, fold: Fold, normals: TileSample, anomalies: Ti
     whose record matches (same config, slides and tile samples) is returned as it was, with ``reused``."""
     from sklearn.metrics import roc_auc_score
 
-    from wsi_ad.model import load_scorer, train
+    from wsi_ad.detectors.loop import train
+    from wsi_ad.detectors.scorer import load_scorer
+    from wsi_ad.device import select_device
 
     # The leak of the official DPA code: never validate on tiles of the training slides.
     check_disjoint(fold.train, fold.validation)
@@ -607,10 +564,8 @@ def evaluate_fold(config: Config, fold: Fold, normals: TileSample, anomalies: Ti
     if not trained.complete:
         raise TuneError(f"{checkpoint}: training did not complete")
     t1 = time.perf_counter()
-    from wsi_ad.model.trainer import select_device
-
     scorer = load_scorer(checkpoint, device=select_device(run_config.train.device))
-    size, mag = config.model.image_size, config.data.magnification
+    size, mag = scorer.image_size, scorer.magnification
     normal_scores = scorer.score(normals.tiles(mag, size))
     anomaly_scores = scorer.score(anomalies.tiles(mag, size))
     labels = np.r_[np.zeros(len(normal_scores), np.int8), np.ones(len(anomaly_scores), np.int8)]
@@ -653,7 +608,7 @@ def tune(
 
     ``normal_stores`` / ``anomaly_stores``: slide stores or folders of stores (one store per slide);
     ``annotations_dir``: ASAP XML ``<slide_id>.xml`` of the tumour slides; ``base_config``: what the
-    candidates change (default: the paper's :class:`Config`); ``space``: default :data:`DEFAULT_SPACE`;
+    candidates change (default: the paper's :class:`Config`); ``space``: default the detector's ``default_search_space``;
     ``folds``: K of the slide-wise cross-validation; ``max_candidates``: overrides the space's;
     ``max_anomaly_tiles`` / ``max_normal_tiles``: caps of the validation tiles (anomalies in all, normals
     per fold; None: no cap); ``seed``: folds (of the stores sorted by slide id, so the argument order does
@@ -663,11 +618,11 @@ def tune(
     out = Path(out)
     base_config = base_config or Config()
     base_config.validate()
-    space = space or load_space()
+    space = space or load_space(detector=base_config.detector)
     if device is not None:
         if device not in ("auto", "cpu", "cuda"):
             raise TuneError(f"device must be auto, cpu or cuda, got {device!r}")
-        from wsi_ad.model.trainer import select_device
+        from wsi_ad.device import select_device
 
         select_device(device)  # cuda asked for but absent: say so now, not once per candidate
     for name, value in (("max_anomaly_tiles", max_anomaly_tiles), ("max_normal_tiles", max_normal_tiles)):
@@ -732,7 +687,7 @@ def tune(
             echo(f"{label}: skipped ({record['reason']})")
             save(None)
             continue
-        reason = _has_magnification(normals + tumors, config.data.magnification, config.model.image_size)
+        reason = _has_magnification(normals + tumors, config.data.magnification, input_spec(config).tile_px)
         if reason:
             record.update(status="skipped", reason=reason)
             echo(f"{label}: skipped ({reason})")

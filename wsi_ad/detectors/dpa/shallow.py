@@ -20,42 +20,11 @@ and upsampled; ``alpha = 1`` is the grown network alone.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass(frozen=True)
-class AutoencoderConfig:
-    """Architecture. ``channels[i]``: width at ``image_size / 2**i`` px (from the input down to the latent)."""
-
-    image_size: int = 64
-    latent_size: int = 8
-    latent_channels: int = 4
-    channels: tuple[int, ...] = (4, 4, 4, 4)
-
-    def __post_init__(self):
-        n_down = math.log2(self.image_size / self.latent_size)
-        if n_down < 1 or n_down != int(n_down):
-            raise ValueError(
-                f"image_size / latent_size must be a power of two >= 2, got {self.image_size} / {self.latent_size}"
-            )
-        if len(self.channels) != int(n_down) + 1:
-            raise ValueError(
-                f"channels needs {int(n_down) + 1} widths (one per resolution {self.resolutions}), got {list(self.channels)}"
-            )
-
-    @property
-    def resolutions(self) -> tuple[int, ...]:
-        """Resolutions from the input down to the bottleneck, e.g. (64, 32, 16, 8)."""
-        n_down = int(math.log2(self.image_size / self.latent_size))
-        return tuple(self.image_size >> i for i in range(n_down + 1))
-
-    def width(self, size: int) -> int:
-        return self.channels[self.resolutions.index(size)]
+from wsi_ad.detectors.dpa.networks import AutoencoderConfig
 
 
 def _act() -> nn.Module:

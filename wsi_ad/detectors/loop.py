@@ -1,0 +1,230 @@
+"""The one training loop of every detector: seeded batches, atomic resumable checkpoints, progress, loss curves.
+
+``train(paths, out, config)`` builds the detector named by ``config.detector`` (seeded with
+``train.seed``), lets it :meth:`~wsi_ad.detectors.base.Detector.fit` on normal tiles, then calls its
+``train_step`` ``num_steps`` times on batches of ``train.batch_size`` tiles, each a pure function of
+(seed, step) (:class:`~wsi_ad.tile_pool.TilePool`, random flips/rotations of ``data``). A fit-only
+detector (``num_steps == 0``) is fitted and saved.
+
+Resume: when the checkpoint file already exists with the same training configuration (runtime-only keys
+such as ``checkpoint_every`` may differ), training continues from its step with its state, training state
+(optimizer states) and loss history, and ends with the weights an uninterrupted run would have.
+Checkpoints are written every ``train.checkpoint_every`` steps, at the detector's own boundaries
+(e.g. the end of a progressive-growing phase) and at the end, each atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wsi_ad import __version__
+from wsi_ad.atomic import write_bytes_atomic, write_text_atomic
+from wsi_ad.config import Config, training_identity
+from wsi_ad.detectors import build, get
+from wsi_ad.detectors.checkpoint import CheckpointError, load_checkpoint, model_id, save_checkpoint
+from wsi_ad.device import select_device
+from wsi_ad.tile_pool import TilePool, augment, discover_sources, to_tensor
+
+#: The history columns every run has; the detector's named losses follow them.
+HISTORY_KEYS = ("iteration", "phase", "tiles_per_s")
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    model_id: str
+    iterations: int        # training steps done
+    resumed_from: int      # step the run started at (0: fresh)
+    complete: bool
+    final_loss: float | None
+    seconds: float
+
+
+def loss_paths(checkpoint: str | os.PathLike) -> tuple[Path, Path]:
+    """The loss curve files beside a checkpoint: ``<stem>.loss.csv`` and ``<stem>.loss.png``."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.stem + ".loss.csv"), checkpoint.with_name(checkpoint.stem + ".loss.png")
+
+
+def write_loss_curve(checkpoint: str | os.PathLike, history: dict[str, list], boundaries: Sequence[tuple[int, str]] = (),
+                     png: bool = True) -> None:
+    """Write the loss history as CSV (one column per history key) and, optionally, a PNG plot of every
+    column named ``*loss*`` with the phase ``boundaries`` ((step, label) pairs) marked, atomically."""
+    csv_path, png_path = loss_paths(checkpoint)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(list(history))
+    for row in zip(*history.values(), strict=True):
+        writer.writerow(row)
+    write_text_atomic(csv_path, buffer.getvalue())
+    if not png or not history["iteration"]:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 3.5), dpi=100)
+    ax = fig.add_subplot()
+    curves = [k for k in history if "loss" in k]
+    for key in curves:
+        ax.plot(history["iteration"], history[key], lw=1, label=key)
+    for step, label in boundaries:
+        ax.axvline(step, color="0.8", lw=0.8)
+        ax.text(step, 1.0, f" {label}", transform=ax.get_xaxis_transform(), va="top", fontsize=7)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("training loss")
+    if curves and all(v > 0 for k in curves for v in history[k]):
+        ax.set_yscale("log")
+    if len(curves) > 1:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = io.BytesIO()
+    fig.savefig(out, format="png")
+    write_bytes_atomic(png_path, out.getvalue())
+
+
+def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += _diff_keys(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(prefix + k)
+    return keys
+
+
+def train(
+    paths: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    config: Config | None = None,
+    *,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+    stop_after: int | None = None,
+    overwrite: bool = False,
+) -> TrainResult:
+    """Train the detector of ``config`` (default: the paper's DPA) on the normal tiles of ``paths`` (slide
+    stores, folders of stores, folders of PNG/JPEG tiles) and write the checkpoint ``out``, resuming it if
+    present.
+
+    ``stop_after``: stop (with a checkpoint) once this many steps are done, as if killed there.
+    ``overwrite``: discard an existing checkpoint instead of resuming it.
+    Raises :class:`~wsi_ad.detectors.checkpoint.CheckpointError` when ``out`` holds a checkpoint of another
+    configuration, :class:`~wsi_ad.tile_pool.DataError` for unusable training data.
+    """
+    config = config or Config()
+    config.validate()
+    t0 = time.perf_counter()
+    out = Path(out)
+    detector_cls = get(config.detector)
+    total = detector_cls.num_steps_of(config)
+    spec = detector_cls.input_spec_of(config)
+    device = select_device(config.train.device)
+
+    resume = None
+    if out.exists() and not overwrite:
+        resume = load_checkpoint(out)
+        diff = _diff_keys(training_identity(Config.from_dict(resume["config"])), training_identity(config))
+        if diff:
+            raise CheckpointError(
+                f"{out} holds a checkpoint trained with a different configuration (differs in {', '.join(diff)}); "
+                "use another --out, or --overwrite to start afresh"
+            )
+        if resume["complete"]:
+            echo(f"{out}: training already complete ({resume['iteration']} iterations)")
+            return TrainResult(out, model_id(resume), int(resume["iteration"]), int(resume["iteration"]), True,
+                               _last_loss(resume["history"]), time.perf_counter() - t0)
+
+    sources = discover_sources(paths, config.data.magnification, spec.tile_px, config.data.image_mpp,
+                               tiles_per_slide=config.data.tiles_per_slide, seed=config.train.seed)
+    torch.manual_seed(config.train.seed)
+    detector = build(config, device)
+    pool = TilePool(sources, config.data.buffer_tiles, config.train.seed)
+    echo(f"training {config.detector} on {pool.total} tiles from {len(sources)} source(s), {total} iterations on {device}")
+
+    if resume is not None:
+        detector.load_state_dict(resume["state"], resume.get("training_state"))
+        history = {k: list(v) for k, v in resume["history"].items()}
+        iteration = int(resume["iteration"])
+        echo(f"resuming {out} at iteration {iteration}")
+    else:
+        detector.fit(pool)
+        history = {k: [] for k in HISTORY_KEYS}
+        iteration = 0
+    start_iteration = iteration
+    boundaries = sorted(detector.checkpoint_steps())
+    phase_marks = [(0, detector.phase(0))] + [(b, detector.phase(b)) for b in boundaries if b < total]
+
+    def payload(complete: bool) -> dict:
+        return {"wsi_ad_version": __version__, "detector": config.detector, "config": config.to_dict(),
+                "state": detector.state_dict(), "training_state": None if complete else detector.training_state_dict(),
+                "iteration": iteration, "complete": complete, "history": history}
+
+    from tqdm.auto import tqdm
+
+    # Tiny-width convolutions on the CPU hit denormal floats and slow down ~4x; flush them to zero.
+    flush = device.type == "cpu" and torch.set_flush_denormal(True)
+    bar = tqdm(total=total, initial=iteration, disable=not progress, unit="it", dynamic_ncols=True)
+    window: dict[str, float] = {}
+    window_n, window_t = 0, time.perf_counter()
+    batch_size = config.train.batch_size
+    must_save = set(boundaries) | {total}
+    stopped = False
+    detector.train()
+    try:
+        while iteration < total:
+            rng = np.random.default_rng([config.train.seed, 17, iteration])
+            tiles = augment(pool.batch(iteration, batch_size), rng, config.data.flips, config.data.rot90)
+            phase = detector.phase(iteration)
+            values = detector.train_step(to_tensor(tiles, device), iteration)
+            iteration += 1
+            for key, value in values.items():
+                window[key] = window.get(key, 0.0) + float(value)
+            window_n += 1
+            bar.update(1)
+            if iteration % config.train.log_every == 0 or iteration in must_save:
+                elapsed = time.perf_counter() - window_t
+                rate = window_n * batch_size / max(elapsed, 1e-9)
+                means = {k: v / window_n for k, v in window.items()}
+                row = {"iteration": iteration, "phase": phase, "tiles_per_s": round(rate, 1), **means}
+                logged = len(history["iteration"])
+                for key, value in row.items():
+                    history.setdefault(key, [None] * logged).append(value)
+                bar.set_postfix({"phase": phase, **{k: f"{v:.4g}" for k, v in means.items()}, "tiles_s": f"{rate:.0f}"})
+                window, window_n, window_t = {}, 0, time.perf_counter()
+            at_stop = stop_after is not None and iteration >= stop_after
+            if iteration in must_save or iteration % config.train.checkpoint_every == 0 or at_stop:
+                save_checkpoint(out, payload(iteration >= total))
+                write_loss_curve(out, history, phase_marks, png=iteration >= total or at_stop)
+            if at_stop and iteration < total:
+                stopped = True
+                break
+    finally:
+        bar.close()
+        if flush:
+            torch.set_flush_denormal(False)
+    if not stopped and (total == 0 or not out.exists()):
+        save_checkpoint(out, payload(True))
+        write_loss_curve(out, history, phase_marks)
+    final = load_checkpoint(out)
+    return TrainResult(out, model_id(final), iteration, start_iteration, not stopped, _last_loss(history),
+                       time.perf_counter() - t0)
+
+
+def _last_loss(history: dict[str, list]) -> float | None:
+    """The last logged value of the history's first loss column (``loss`` when there is one)."""
+    keys = [k for k in history if "loss" in k]
+    key = "loss" if "loss" in keys else (keys[0] if keys else None)
+    values = [v for v in history.get(key, []) if v is not None] if key else []
+    return float(values[-1]) if values else None
