@@ -42,7 +42,7 @@ def _mpp(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wsi-ad",
-        description="Find metastases in whole-slide images by deep perceptual autoencoder anomaly detection.",
+        description="Find metastases in whole-slide images by anomaly detection (wsi-ad detectors lists the detectors).",
     )
     parser.add_argument("--version", action="version", version=f"wsi-ad {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages (INFO)")

@@ -39,6 +39,7 @@ def demo_config() -> Config:
 
 def run_demo(out: str | Path, *, seed: int = 0, workers: int | None = None, echo=print) -> dict:
     """Run the demo into ``out``; returns the summary also written to ``out/summary.json``."""
+    from wsi_ad.detectors.checkpoint import CheckpointError
     from wsi_ad.detectors.loop import train
 
     out = Path(out)
@@ -66,8 +67,13 @@ def run_demo(out: str | Path, *, seed: int = 0, workers: int | None = None, echo
 
     echo("3/4 Training a small deep perceptual autoencoder on their tiles (configs/demo_cpu.yaml) ...")
     step = time.perf_counter()
-    trained = train([out / "train_stores"], out / "model.pt", demo_config(), progress=False,
-                    echo=lambda line: echo("    " + line))
+    try:
+        trained = train([out / "train_stores"], out / "model.pt", demo_config(), progress=False,
+                        echo=lambda line: echo("    " + line))
+    except CheckpointError as exc:  # e.g. a model.pt of an earlier wsi-ad with other settings: the demo's own output
+        echo(f"    {exc}: training afresh")
+        trained = train([out / "train_stores"], out / "model.pt", demo_config(), progress=False, overwrite=True,
+                        echo=lambda line: echo("    " + line))
     timings["train"] = time.perf_counter() - step
 
     echo("4/4 Processing the test slides: tiles, scores, heatmaps, overlays, report ...")

@@ -145,6 +145,8 @@ def test_a_checkpoint_of_the_previous_release_still_loads_and_scores_the_same():
     assert payload["format"] == 2 and payload["detector"] == "dpa"
     assert payload["config"]["dpa"]["architecture"] == "shallow" and payload["config"]["dpa"]["feature_stats"] == "train"
     assert payload["history"]["phase"][-1] == "stab32"
+    detector = detectors.load(DATA / "dpa_checkpoint_format1.pt", device="cpu")
+    assert detector.name == "dpa" and detector.input_spec == InputSpec(32, "10x") and detector.map_shape == (8, 8)
     scorer = load_scorer(DATA / "dpa_checkpoint_format1.pt", device="cpu")
     assert scorer.model_id == model_id(payload) and scorer.model_id.startswith("dpa-")
     tiles = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)

@@ -15,7 +15,7 @@ from wsi_ad.config import Config, ConfigError
 from wsi_ad.detectors.checkpoint import load_checkpoint, model_id, save_checkpoint
 from wsi_ad.detectors.dpa.networks import AutoencoderConfig
 from wsi_ad.detectors.dpa.schedule import loss_sizes, phase_loss, progressive_phases
-from wsi_ad.detectors.dpa.shallow import ProgressiveAutoencoder
+from wsi_ad.detectors.dpa.shallow import ShallowAutoencoder
 from wsi_ad.features.backbones import BackboneError, backbone_spec, build_backbone, list_backbones
 from wsi_ad.features.perceptual import PerceptualLoss, feature_stats, imagenet_feature_stats, relative_l1
 
@@ -53,7 +53,7 @@ def test_perceptual_loss_standardizes_features_per_channel(lite0):
 
 
 def test_autoencoder_shapes_and_camelyon_bottleneck():
-    model = ProgressiveAutoencoder(AutoencoderConfig())
+    model = ShallowAutoencoder(AutoencoderConfig())
     assert model.sizes == (16, 32, 64)
     for size in (16, 32, 64):
         x = torch.rand(2, 3, size, size) * 2 - 1
@@ -67,7 +67,7 @@ def test_autoencoder_shapes_and_camelyon_bottleneck():
 
 def test_alpha_zero_is_the_previous_resolution_and_alpha_one_the_new():
     torch.manual_seed(0)
-    model = ProgressiveAutoencoder(AutoencoderConfig(channels=(4, 6, 8, 8)))
+    model = ShallowAutoencoder(AutoencoderConfig(channels=(4, 6, 8, 8)))
     x = torch.rand(3, 3, 64, 64) * 2 - 1
     old = F.interpolate(model(F.avg_pool2d(x, 2), 32, 1.0), scale_factor=2, mode="nearest")
     torch.testing.assert_close(model(x, 64, 0.0), old)
@@ -82,7 +82,7 @@ def test_alpha_zero_is_the_previous_resolution_and_alpha_one_the_new():
 
 def test_phase_loss_at_alpha_zero_is_the_previous_phase_loss_on_halved_images(lite0):
     torch.manual_seed(1)
-    model = ProgressiveAutoencoder()
+    model = ShallowAutoencoder()
     x = torch.rand(4, 3, 64, 64) * 2 - 1
     stats = {s: feature_stats(lite0, F.avg_pool2d(x, 64 // s), s) for s in (16, 32, 64)}
     loss = PerceptualLoss(lite0, stats)
@@ -216,7 +216,7 @@ def test_vgg19_without_weights_says_how_to_provide_them(tmp_path, monkeypatch):
 
 
 def test_checkpoint_roundtrip_and_model_id(tmp_path):
-    model = ProgressiveAutoencoder()
+    model = ShallowAutoencoder()
     payload = {"detector": "dpa", "config": Config().to_dict(),
                "state": {"autoencoder": model.state_dict(),
                          "feature_stats": {"64": {"mean": torch.zeros(3), "std": torch.ones(3)}}},

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -47,6 +49,74 @@ class AutoencoderConfig:
         return self.channels[self.resolutions.index(size)]
 
 
+class ProgressiveAutoencoder(nn.Module):
+    """What both architectures share: the heads and blocks keyed by resolution (``from_rgb``, ``down``,
+    ``to_latent``, ``from_latent``, ``up``, ``to_rgb``) and the progressive forward pass.
+
+    ``encode(x, size, alpha)``: (B, 3, size, size) -> (B, latent_channels, latent_size, latent_size);
+    ``decode(z, size, alpha)``: the inverse shapes; ``forward`` = decode(encode(x)). With ``alpha < 1`` the
+    size-``size`` parts fade in: the encoder blends ``(1 - alpha) * from_rgb[size/2](avgpool(x)) + alpha *
+    down(size, from_rgb[size](x))`` before the lower resolutions, the decoder ``(1 - alpha) *
+    upsample(to_rgb[size/2](h)) + alpha * to_rgb[size](up(size, h))`` after them. Subclasses build the
+    modules and say what one resolution step down (:meth:`_down`, to half the size) and up (:meth:`_up`,
+    to twice the size) is.
+    """
+
+    config: AutoencoderConfig
+
+    def _down(self, size: int, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _up(self, size: int, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Sizes (px) the network can run at, smallest first, e.g. (16, 32, 64)."""
+        return tuple(sorted(self.config.resolutions[:-1]))
+
+    def _check(self, size: int, alpha: float) -> None:
+        if size not in self.sizes:
+            raise ValueError(f"size must be one of {self.sizes}, got {size}")
+        if alpha < 1 and size == self.sizes[0]:
+            raise ValueError(f"the smallest size {size} has no previous resolution to fade from (alpha must be 1)")
+
+    def _stages(self, size: int) -> list[int]:
+        """Resolutions from ``size`` down to ``2 * latent_size``."""
+        out, s = [], size
+        while s > self.config.latent_size:
+            out.append(s)
+            s //= 2
+        return out
+
+    def encode(self, x: torch.Tensor, size: int | None = None, alpha: float = 1.0) -> torch.Tensor:
+        size = int(x.shape[-1]) if size is None else size
+        self._check(size, alpha)
+        h = self._down(size, self.from_rgb[str(size)](x))
+        if alpha < 1:
+            low = self.from_rgb[str(size // 2)](F.avg_pool2d(x, 2))
+            h = (1 - alpha) * low + alpha * h
+        for r in self._stages(size // 2):
+            h = self._down(r, h)
+        return self.to_latent(h)
+
+    def decode(self, z: torch.Tensor, size: int, alpha: float = 1.0) -> torch.Tensor:
+        self._check(size, alpha)
+        h = self.from_latent(z)
+        for r in reversed(self._stages(size // 2)):
+            h = self._up(r, h)
+        high = self.to_rgb[str(size)](self._up(size, h))
+        if alpha < 1:
+            low = F.interpolate(self.to_rgb[str(size // 2)](h), scale_factor=2, mode="nearest")
+            return (1 - alpha) * low + alpha * high
+        return high
+
+    def forward(self, x: torch.Tensor, size: int | None = None, alpha: float = 1.0) -> torch.Tensor:
+        """(B, 3, size, size) in [-1, 1] -> reconstruction, same shape (unbounded, linear output)."""
+        size = int(x.shape[-1]) if size is None else size
+        return self.decode(self.encode(x, size, alpha), size, alpha)
+
+
 ARCHITECTURES = ("residual18", "shallow")
 
 
@@ -59,7 +129,7 @@ def build_autoencoder(architecture: str, config: AutoencoderConfig) -> nn.Module
 
         return Residual18Autoencoder(config)
     if architecture == "shallow":
-        from wsi_ad.detectors.dpa.shallow import ProgressiveAutoencoder
+        from wsi_ad.detectors.dpa.shallow import ShallowAutoencoder
 
-        return ProgressiveAutoencoder(config)
+        return ShallowAutoencoder(config)
     raise ValueError(f"unknown DPA architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")

@@ -59,10 +59,9 @@ Departures from the official code:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from wsi_ad.detectors.dpa.networks import AutoencoderConfig
+from wsi_ad.detectors.dpa.networks import AutoencoderConfig, ProgressiveAutoencoder
 
 LEAKY_SLOPE = 0.2
 
@@ -109,7 +108,7 @@ class UpBlock(PlainBlock):
         return [nn.Upsample(scale_factor=2, mode="nearest")]
 
 
-class Residual18Autoencoder(nn.Module):
+class Residual18Autoencoder(ProgressiveAutoencoder):
     """The DPA ``residual18`` encoder/decoder, grown from ``2 * latent_size`` px to ``image_size`` px.
 
     ``encode(x, size, alpha)``: (B, 3, size, size) -> (B, latent_channels, latent_size, latent_size).
@@ -136,24 +135,11 @@ class Residual18Autoencoder(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, a=LEAKY_SLOPE, mode="fan_out", nonlinearity="leaky_relu")
 
-    @property
-    def sizes(self) -> tuple[int, ...]:
-        """Sizes (px) the network can run at, smallest first, e.g. (16, 32, 64)."""
-        return tuple(sorted(self.config.resolutions[:-1]))
+    def _down(self, size: int, h: torch.Tensor) -> torch.Tensor:
+        return self.down[str(size)](h)
 
-    def _check(self, size: int, alpha: float) -> None:
-        if size not in self.sizes:
-            raise ValueError(f"size must be one of {self.sizes}, got {size}")
-        if alpha < 1 and size == self.sizes[0]:
-            raise ValueError(f"the smallest size {size} has no previous resolution to fade from (alpha must be 1)")
-
-    def _stages(self, size: int) -> list[int]:
-        """Stage resolutions from ``size`` down to ``2 * latent_size``."""
-        out, s = [], size
-        while s > self.config.latent_size:
-            out.append(s)
-            s //= 2
-        return out
+    def _up(self, size: int, h: torch.Tensor) -> torch.Tensor:
+        return self.up[str(size)](h)
 
     def modules_in_use(self, size: int, transition: bool = False) -> tuple[list[nn.Module], list[nn.Module]]:
         """(encoder modules, decoder modules) that run at ``size``; with ``transition`` also the size/2 heads."""
@@ -169,30 +155,3 @@ class Residual18Autoencoder(nn.Module):
 
         The fade-in weight is not a parameter here; the official code's is (one more in each transition count)."""
         return tuple(sum(p.numel() for m in part for p in m.parameters()) for part in self.modules_in_use(size, transition))
-
-    def encode(self, x: torch.Tensor, size: int | None = None, alpha: float = 1.0) -> torch.Tensor:
-        size = int(x.shape[-1]) if size is None else size
-        self._check(size, alpha)
-        h = self.down[str(size)](self.from_rgb[str(size)](x))
-        if alpha < 1:
-            low = self.from_rgb[str(size // 2)](F.avg_pool2d(x, 2))
-            h = (1 - alpha) * low + alpha * h
-        for r in self._stages(size // 2):
-            h = self.down[str(r)](h)
-        return self.to_latent(h)
-
-    def decode(self, z: torch.Tensor, size: int, alpha: float = 1.0) -> torch.Tensor:
-        self._check(size, alpha)
-        h = self.from_latent(z)
-        for r in reversed(self._stages(size // 2)):
-            h = self.up[str(r)](h)
-        high = self.to_rgb[str(size)](self.up[str(size)](h))
-        if alpha < 1:
-            low = F.interpolate(self.to_rgb[str(size // 2)](h), scale_factor=2, mode="nearest")
-            return (1 - alpha) * low + alpha * high
-        return high
-
-    def forward(self, x: torch.Tensor, size: int | None = None, alpha: float = 1.0) -> torch.Tensor:
-        """(B, 3, size, size) in [-1, 1] -> reconstruction, same shape (unbounded, linear output)."""
-        size = int(x.shape[-1]) if size is None else size
-        return self.decode(self.encode(x, size, alpha), size, alpha)

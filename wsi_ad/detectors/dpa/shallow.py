@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsi_ad.detectors.dpa.networks import AutoencoderConfig
+from wsi_ad.detectors.dpa.networks import AutoencoderConfig, ProgressiveAutoencoder
 
 
 def _act() -> nn.Module:
@@ -43,7 +43,7 @@ class PreActResBlock(nn.Module):
         return self.shortcut(x) + self.body(x)
 
 
-class ProgressiveAutoencoder(nn.Module):
+class ShallowAutoencoder(ProgressiveAutoencoder):
     """Encoder/decoder grown from ``2 * latent_size`` px up to ``image_size`` px (see the module docstring).
 
     ``encode(x, size, alpha)``: (B, 3, size, size) -> (B, latent_channels, latent_size, latent_size).
@@ -62,45 +62,8 @@ class ProgressiveAutoencoder(nn.Module):
         self.up = nn.ModuleDict({str(s): PreActResBlock(config.width(s // 2), config.width(s)) for s in grown})
         self.to_rgb = nn.ModuleDict({str(s): nn.Sequential(_act(), nn.Conv2d(config.width(s), 3, 1)) for s in grown})
 
-    @property
-    def sizes(self) -> tuple[int, ...]:
-        """Sizes (px) the network can run at, smallest first, e.g. (16, 32, 64)."""
-        return tuple(sorted(self.config.resolutions[:-1]))
+    def _down(self, size: int, h: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(self.down[str(size)](h), 2)
 
-    def _check(self, size: int, alpha: float) -> None:
-        if size not in self.sizes:
-            raise ValueError(f"size must be one of {self.sizes}, got {size}")
-        if alpha < 1 and size == self.sizes[0]:
-            raise ValueError(f"the smallest size {size} has no previous resolution to fade from (alpha must be 1)")
-
-    def encode(self, x: torch.Tensor, size: int | None = None, alpha: float = 1.0) -> torch.Tensor:
-        size = int(x.shape[-1]) if size is None else size
-        self._check(size, alpha)
-        h = self.down[str(size)](self.from_rgb[str(size)](x))
-        h = F.avg_pool2d(h, 2)
-        if alpha < 1:
-            old = self.from_rgb[str(size // 2)](F.avg_pool2d(x, 2))
-            h = alpha * h + (1 - alpha) * old
-        s = size // 2
-        while s > self.config.latent_size:
-            h = F.avg_pool2d(self.down[str(s)](h), 2)
-            s //= 2
-        return self.to_latent(h)
-
-    def decode(self, z: torch.Tensor, size: int, alpha: float = 1.0) -> torch.Tensor:
-        self._check(size, alpha)
-        h = self.from_latent(z)
-        s = self.config.latent_size * 2
-        while s < size:
-            h = self.up[str(s)](F.interpolate(h, scale_factor=2, mode="nearest"))
-            s *= 2
-        new = self.to_rgb[str(size)](self.up[str(size)](F.interpolate(h, scale_factor=2, mode="nearest")))
-        if alpha < 1:
-            old = F.interpolate(self.to_rgb[str(size // 2)](h), scale_factor=2, mode="nearest")
-            return alpha * new + (1 - alpha) * old
-        return new
-
-    def forward(self, x: torch.Tensor, size: int | None = None, alpha: float = 1.0) -> torch.Tensor:
-        """(B, 3, size, size) in [-1, 1] -> reconstruction, same shape (unbounded, linear output)."""
-        size = int(x.shape[-1]) if size is None else size
-        return self.decode(self.encode(x, size, alpha), size, alpha)
+    def _up(self, size: int, h: torch.Tensor) -> torch.Tensor:
+        return self.up[str(size)](F.interpolate(h, scale_factor=2, mode="nearest"))
