@@ -106,7 +106,7 @@ def run_train(args: argparse.Namespace) -> int:
         "detector": config.detector, "checkpoint": str(result.checkpoint), "model_id": result.model_id,
         "iterations": result.iterations, "resumed_from": result.resumed_from, "complete": result.complete,
         "final_loss": result.final_loss, "seconds": round(result.seconds, 1), "loss_csv": str(csv_path),
-        "loss_png": str(png_path),
+        "loss_png": str(png_path) if png_path.exists() else None,  # no curve for a fit-only detector
     }, indent=2))
     return 0
 
@@ -116,13 +116,14 @@ def run_detectors(args: argparse.Namespace) -> int:
     paper, the config section's keys with their defaults, the score units and the search parameters."""
     from wsi_ad.detectors import get, input_spec, names
 
+    width = max(10, *(len(n) for n in names()))
     for name in names():
         cls = get(name)
         spec = input_spec(Config(detector=name))
-        print(f"{name:<10} {spec.tile_px} px at {spec.magnification}  {cls.summary}")
+        print(f"{name:<{width}} {spec.tile_px} px at {spec.magnification}  {cls.summary}")
         if getattr(args, "verbose", False):
-            print(f"{'':<10} paper: {cls.paper}")
-            print(f"{'':<10} score: {cls.score_units}")
-            print(f"{'':<10} config section '{name}': {json.dumps(Config(detector=name).to_dict()[name], default=str)}")
-            print(f"{'':<10} search parameters: {', '.join(sorted(cls.search_parameters)) or 'none'}")
+            print(f"{'':<{width}} paper: {cls.paper}")
+            print(f"{'':<{width}} score: {cls.score_units}")
+            print(f"{'':<{width}} config section '{name}': {json.dumps(Config(detector=name).to_dict()[name], default=str)}")
+            print(f"{'':<{width}} search parameters: {', '.join(sorted(cls.search_parameters)) or 'none'}")
     return 0

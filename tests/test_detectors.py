@@ -248,3 +248,48 @@ def test_scoring_imports_no_training_loop_and_no_dask():
             "print(sorted(m for m in sys.modules if m == 'wsi_ad.detectors.loop' or m.split('.')[0] in ('dask', 'distributed')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_config_values_of_the_wrong_type_are_named_not_tracebacks():
+    assert Config.from_dict({"dpa": {"lr": "1e-3"}}).section.lr == 0.001      # YAML 1.1 reads 1e-3 as a string
+    for data, match in (({"dpa": {"lr": "abc"}}, "dpa.lr: expected a number"),
+                        ({"dpa": {"progressive": "maybe"}}, "dpa.progressive: expected true or false"),
+                        ({"data": {"flips": "abc"}}, "data.flips: expected true or false"),
+                        ({"dpa": {"iterations": 5}}, "dpa.iterations: expected a mapping"),
+                        ({"dpa": {"betas": 0.9}}, "dpa.betas: expected a list"),
+                        ({"train": {"batch_size": None}}, "train.batch_size: expected int"),
+                        ({"dpa": {"latent_channels": 0}}, "must be >= 1"),
+                        ({"data": {"image_mpp": 0}}, "image_mpp must be a positive")):
+        with pytest.raises(ConfigError, match=match):
+            Config.from_dict(data)
+
+
+def test_unusable_checkpoint_files_are_one_clear_error(tmp_path):
+    from wsi_ad.detectors.checkpoint import CheckpointError, save_checkpoint
+
+    good = DATA / "dpa_checkpoint_format1.pt"
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "text.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:20000])
+    for name, match in (("empty.pt", "the file is empty"), ("text.pt", "not a torch file"), ("cut.pt", "truncated")):
+        with pytest.raises(CheckpointError, match=match):
+            load_scorer(tmp_path / name, device="cpu")
+    with pytest.raises(CheckpointError, match="is a directory"):
+        load_scorer(tmp_path, device="cpu")
+    save_checkpoint(tmp_path / "partial.pt", {})
+    with pytest.raises(CheckpointError, match="not a complete wsi-ad checkpoint"):
+        load_scorer(tmp_path / "partial.pt", device="cpu")
+    payload = load_checkpoint(good)
+    payload["config"]["dpa"]["channels"] = [4, 4, 4]                       # weights of 8-channel layers
+    save_checkpoint(tmp_path / "mismatch.pt", payload)
+    with pytest.raises(CheckpointError, match="do not fit its dpa config"):
+        load_scorer(tmp_path / "mismatch.pt", device="cpu")
+
+
+def test_a_detector_without_maps_says_so():
+    from wsi_ad.errors import WsiAdError
+
+    toy = detectors.build(Config(detector="toy_mean_colour"))
+    toy.score_batch = lambda tiles, pixel_maps=False: (tiles.mean(dim=(1, 2, 3)), None)
+    with pytest.raises(WsiAdError, match="gives no per-pixel maps"):
+        _ = toy.map_shape

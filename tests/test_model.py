@@ -121,7 +121,7 @@ def test_config_files_load_and_the_paper_config_is_the_default(tmp_path):
     assert demo.section.architecture == "shallow" and demo.section.feature_stats == "train"
     assert Config.from_dict({"dpa": {"layers": {"64": "relu3_2"}}}).section.layers == {64: "relu3_2"}
     assert Config.from_dict(Config().to_dict()) == Config()
-    with pytest.raises(ConfigError, match="input sizes"):
+    with pytest.raises(ConfigError, match="layers key: expected a number"):
         Config.from_dict({"dpa": {"layers": {"big": "block7"}}})
     with pytest.raises(ConfigError, match="not layers of vgg19"):
         Config.from_dict({"dpa": {"layers": {64: "block7"}}})

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +65,8 @@ class DataSection:
     def validate(self) -> None:
         if self.buffer_tiles < 1:
             raise ConfigError(f"data.buffer_tiles must be >= 1, got {self.buffer_tiles}")
+        if self.image_mpp is not None and not self.image_mpp > 0:
+            raise ConfigError(f"data.image_mpp must be a positive µm/px (or null), got {self.image_mpp}")
         if self.tiles_per_slide is not None and self.tiles_per_slide < 1:
             raise ConfigError(f"data.tiles_per_slide must be >= 1 (or null for all), got {self.tiles_per_slide}")
 
@@ -86,6 +90,44 @@ class TrainSection:
             raise ConfigError(f"train.device must be auto, cuda or cpu, got {self.device!r}")
 
 
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, name: str) -> Any:
+    """``value`` checked against the annotation ``tp`` (bool, int, float, str, list[...], dict[..., ...],
+    ``X | None``) and converted where that is lossless: an int or a numeric string (YAML reads ``1e-3`` as
+    a string) for a float, a numeric string for an int key. Raises :class:`ConfigError` naming ``name``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return coerce(value, inner, name)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return [coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return {coerce(k, args[0], f"{name} key"): coerce(v, args[1], f"{name}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true or false, got {value!r}")
+        return value
+    if tp in (int, float) and isinstance(value, str):
+        try:
+            value = float(value) if tp is float else int(value)
+        except ValueError:
+            raise ConfigError(f"{name}: expected a number ({_type_name(tp)}), got {value!r}") from None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is Any or (isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        return value
+    raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}")
+
+
 def _section_from_dict(section_cls: type, values: Any, name: str):
     if values is None:
         values = {}
@@ -95,6 +137,8 @@ def _section_from_dict(section_cls: type, values: Any, name: str):
     bad = set(values) - known
     if bad:
         raise ConfigError(f"unknown key(s) {sorted(bad)} in config section {name!r}; expected {sorted(known)}")
+    hints = typing.get_type_hints(section_cls)
+    values = {key: coerce(value, hints.get(key, Any), f"{name}.{key}") for key, value in values.items()}
     try:
         return section_cls(**values)
     except (TypeError, ValueError) as exc:

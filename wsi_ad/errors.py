@@ -31,3 +31,14 @@ class MissingMppError(SlideError):
 
 class AnnotationError(InputFileError):
     """An annotation file (ASAP XML) is missing, malformed or unsafe."""
+
+
+def load_error_reason(exc: BaseException) -> str:
+    """One line saying why ``torch.load`` (``weights_only=True``) failed on a file: "not a torch file ..." for
+    an unpickling error (torch's own text advises ``weights_only=False``, which is no fix for a user), else
+    the first line of the error."""
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError):
+        return "not a torch file of tensors and plain data"
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

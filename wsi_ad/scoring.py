@@ -349,6 +349,8 @@ def score_image_folder(paths_or_folder: str | os.PathLike | Iterable[str | os.Pa
     from wsi_ad.slide import magnification_to_mpp
 
     files = find_image_tiles(paths_or_folder)
+    if image_mpp is not None and not image_mpp > 0:
+        raise DataError(f"image_mpp must be a positive µm/px, got {image_mpp}")
     scale = image_mpp / magnification_to_mpp(scorer.magnification) if image_mpp else None
     source = ImageFolderSource(files, scorer.image_size, scale)
     rows: list[tuple[Path, float]] = []

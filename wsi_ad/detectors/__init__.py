@@ -67,8 +67,9 @@ def _load_plugins() -> None:
     for module in filter(None, (m.strip() for m in os.environ.get(ENV_VAR, "").split(","))):
         try:
             importlib.import_module(module)
-        except ImportError as exc:
-            raise UnknownDetectorError(f"{ENV_VAR} names module {module!r}, which cannot be imported: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - a broken plugin (syntax error, failing import, name clash)
+            raise UnknownDetectorError(f"{ENV_VAR} names module {module!r}, which cannot be imported: "
+                                       f"{type(exc).__name__}: {exc}") from exc
 
 
 def names() -> list[str]:

@@ -178,10 +178,13 @@ class Detector(ABC):
 
     @property
     def map_shape(self) -> tuple[int, int]:
-        """(h, w) of a per-pixel map of one tile; each cell covers ``tile_px / w`` input px."""
+        """(h, w) of a per-pixel map of one tile; each cell covers ``tile_px / w`` input px.
+        :class:`~wsi_ad.errors.WsiAdError` when the detector gives no maps."""
         with torch.no_grad():
             size = self.input_spec.tile_px
             _, maps = self.score_batch(torch.zeros(1, 3, size, size, device=self.device), pixel_maps=True)
         if maps is None:
-            raise NotImplementedError(f"detector {self.name!r} gives no per-pixel maps")
+            from wsi_ad.errors import WsiAdError
+
+            raise WsiAdError(f"detector {self.name!r} gives no per-pixel maps (score without --pixel-maps)")
         return int(maps.shape[1]), int(maps.shape[2])

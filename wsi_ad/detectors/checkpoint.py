@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from wsi_ad.atomic import atomic_path
-from wsi_ad.errors import WsiAdError
+from wsi_ad.errors import WsiAdError, load_error_reason
 
 if TYPE_CHECKING:
     from wsi_ad.detectors.base import Detector
@@ -44,8 +44,11 @@ class CheckpointError(WsiAdError):
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """Write ``payload`` to ``path`` atomically (temporary sibling, then rename)."""
     payload = {"format": CHECKPOINT_FORMAT, **payload}
-    with atomic_path(path) as temp:
-        torch.save(payload, temp)
+    try:
+        with atomic_path(path) as temp:
+            torch.save(payload, temp)
+    except (OSError, RuntimeError) as exc:  # torch reports an unwritable file as a RuntimeError
+        raise CheckpointError(f"{path}: cannot write the checkpoint: {load_error_reason(exc)}") from exc
     return Path(path)
 
 
@@ -53,18 +56,30 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint on the CPU with ``weights_only=True``, upgraded to the current format;
     :class:`CheckpointError` when unusable."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: cannot read checkpoint: the file is empty")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise CheckpointError(f"{path}: cannot read checkpoint: {exc}") from exc
+        raise CheckpointError(f"{path}: cannot read checkpoint (truncated, or not written by wsi-ad train?): "
+                              f"{load_error_reason(exc)}") from exc
     if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS:
         raise CheckpointError(f"{path}: not a wsi-ad checkpoint (formats {READABLE_FORMATS})")
+    required = ("config", "model") if payload["format"] == 1 else ("detector", "config", "state")
+    missing = [key for key in required if key not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: not a complete wsi-ad checkpoint (no {', '.join(missing)})")
     if payload["format"] == 1:  # always a DPA
         from wsi_ad.detectors.dpa.config import upgrade_format1
 
-        payload = upgrade_format1(payload, CHECKPOINT_FORMAT)
+        try:
+            payload = upgrade_format1(payload, CHECKPOINT_FORMAT)
+        except KeyError as exc:
+            raise CheckpointError(f"{path}: not a complete wsi-ad checkpoint (no {exc})") from exc
     return payload
 
 
@@ -113,6 +128,10 @@ def detector_from_payload(payload: dict[str, Any], device: torch.device | str | 
         config.set_backbone_weights(backbone_weights)
     device = select_device("auto") if device is None else torch.device(device)
     detector = build(config, device)
-    detector.load_state_dict(payload["state"])
+    try:
+        detector.load_state_dict(payload["state"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"the checkpoint's weights do not fit its {config.detector} config: {reason}") from exc
     detector.eval()
     return detector, config

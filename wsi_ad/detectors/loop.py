@@ -127,6 +127,10 @@ def train(
     config.validate()
     t0 = time.perf_counter()
     out = Path(out)
+    if out.is_dir():
+        raise CheckpointError(f"{out}: is a directory; --out names the checkpoint file to write")
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        raise CheckpointError(f"{out}: cannot write the checkpoint there ({out.parent} is not a writable folder)")
     detector_cls = get(config.detector)
     total = detector_cls.num_steps_of(config)
     spec = detector_cls.input_spec_of(config)

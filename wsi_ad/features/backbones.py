@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wsi_ad.errors import WsiAdError
+from wsi_ad.errors import WsiAdError, load_error_reason
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -189,7 +189,7 @@ def resolve_weights(spec: BackboneSpec, path: str | os.PathLike | None = None, d
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise BackboneError(f"{spec.name} weights file not found: {path}")
+            raise BackboneError(f"{spec.name} weights file not found: {path} (give the file with --backbone-weights PATH)")
         return path
     source = spec.weights
     if source.kind == "package":
@@ -214,7 +214,7 @@ def resolve_weights(spec: BackboneSpec, path: str | os.PathLike | None = None, d
         return file
     raise BackboneError(
         f"{spec.name} ImageNet weights not found at {file}. Download {source.url} into {file.parent}, "
-        f"or pass --backbone-weights PATH, or add --download-weights to let wsi-ad fetch them"
+        f"or give the file with --backbone-weights PATH (`wsi-ad train --download-weights` fetches it)"
     )
 
 
@@ -275,6 +275,6 @@ def build_backbone(
         try:
             state = torch.load(file, map_location="cpu", weights_only=True)
             model.load_state_dict(spec.convert(state), strict=True)
-        except (RuntimeError, KeyError, OSError, ValueError) as exc:
-            raise BackboneError(f"cannot load {spec.name} weights from {file}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - any unpickling or state-dict failure: an unusable file
+            raise BackboneError(f"cannot load {spec.name} weights from {file}: {load_error_reason(exc)}") from exc
     return FeatureExtractor(spec, model, tuple(sizes))

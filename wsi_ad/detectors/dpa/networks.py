@@ -29,6 +29,8 @@ class AutoencoderConfig:
     channels: tuple[int, ...] = (4, 4, 4, 4)
 
     def __post_init__(self):
+        if min(self.image_size, self.latent_size, self.latent_channels, *self.channels) < 1:
+            raise ValueError(f"image_size, latent_size, latent_channels and channels must be >= 1, got {self}")
         n_down = math.log2(self.image_size / self.latent_size)
         if n_down < 1 or n_down != int(n_down):
             raise ValueError(
