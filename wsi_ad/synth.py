@@ -312,8 +312,9 @@ def _place_lesions(rng: np.random.Generator, islands: list[_Island], sizes_mm: S
 
     ``sizes_mm`` gives each lesion's major axis (mm), or None for a random micro-metastasis size
     (0.3-1.5 mm, as far as the island allows). Islands are tried largest first, then in turn; random
-    sizes shrink and centres move inwards as attempts fail. Raises ValueError when a lesion cannot be
-    placed (the slide is too small for it).
+    sizes shrink and centres move inwards as attempts fail; a random-size lesion that finds no room beside
+    the lesions already placed is left out. Raises ValueError when a lesion of a given size, or the first
+    one, cannot be placed (the slide is too small for it).
     """
     lesions: list[Annotation] = []
     occupied: list[tuple[float, float, float]] = []
@@ -347,6 +348,8 @@ def _place_lesions(rng: np.random.Generator, islands: list[_Island], sizes_mm: S
             occupied.append((cx, cy, major_px))
             break
         else:
+            if size is None and lesions:  # a random extra micro-metastasis that no longer fits: leave it out
+                continue
             what = "a 0.3 mm lesion" if size is None else f"a {size:.2f} mm lesion"
             raise ValueError(
                 f"cannot place {what} (lesion {n + 1} of {len(sizes_mm)}) in this slide's tissue (the largest "
