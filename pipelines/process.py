@@ -24,7 +24,6 @@ import json
 import logging
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +31,9 @@ from pathlib import Path
 from pipelines.tasks import aggregate_slide, cohort_scale_of, new_result, overlay_slide, preprocess_slide, score_slide
 from wsi_ad.atomic import write_text_atomic
 from wsi_ad.errors import WsiAdError
+from wsi_ad.metrics import normalize_slide_id
 from wsi_ad.preprocess import PreprocessConfig
-from wsi_ad.slide import find_slides
+from wsi_ad.slide import find_slides, slide_id_of
 
 log = logging.getLogger(__name__)
 #: The run's own log (progress lines, failures) that goes to ``OUT/wsi-ad.log``, not to the console twice.
@@ -78,17 +78,22 @@ class BatchConfig:
 
 
 def discover(paths: Iterable[str | Path]) -> list[Path]:
-    """Slide files of ``paths`` (files, or folders searched by the extensions OpenSlide reads); refuses
-    none found and colliding slide ids (they would share one store)."""
+    """Slide files of ``paths`` (files, or folders searched by the extensions OpenSlide reads), as the user
+    named them (symlinks are not resolved: a slide's id is its given name, :func:`wsi_ad.slide.slide_id_of`);
+    refuses none found, and, before any work, ids that collide as later stages compare them (case-insensitively):
+    they would share one store."""
     paths = list(paths)
     slides = find_slides(paths)
     if not slides:
         raise WsiAdError(f"no slide files found in {', '.join(map(str, paths))}")
-    duplicates = [sid for sid, count in Counter(p.stem for p in slides).items() if count > 1]
-    if duplicates:
-        raise WsiAdError(f"several slides share the id (file name) {', '.join(sorted(duplicates))}; "
-                         "process them into different --out folders")
-    return slides
+    by_id: dict[str, list[Path]] = {}
+    for slide in slides:
+        by_id.setdefault(normalize_slide_id(slide_id_of(slide)), []).append(slide)
+    clashes = ["; ".join(str(p) for p in group) for group in by_id.values() if len(group) > 1]
+    if clashes:
+        raise WsiAdError(f"slides share an id (the file name without extension, compared case-insensitively): "
+                         f"{' | '.join(clashes)}; rename them or process them into different --out folders")
+    return [slide.absolute() for slide in slides]
 
 
 def process_paths(paths: Iterable[str | Path], out: str | Path, config: PreprocessConfig, *,
@@ -189,8 +194,8 @@ def _run_graph(client, info, slides: list[Path], out: Path, batch: BatchConfig, 
         return future
 
     for path in slides:
-        sid = path.stem
-        future = submit(preprocess_slide, str(path.resolve()), out.resolve(), batch.preprocess, task="preprocess",
+        sid = slide_id_of(path)
+        future = submit(preprocess_slide, str(path), out.resolve(), batch.preprocess, task="preprocess",
                         sid=sid, mpp=batch.mpp, export_h5=batch.export_h5)
         if model is not None:
             future = submit(score_slide, future, model, task="score", sid=sid, resources=info.score_resources,
@@ -200,7 +205,7 @@ def _run_graph(client, info, slides: list[Path], out: Path, batch: BatchConfig, 
         chains[sid] = future
 
     final = _watch(client, as_completed(submitted), task_of, chains, slides, batch, echo)
-    results = [final[path.stem] for path in slides]
+    results = [final[slide_id_of(path)] for path in slides]
     if model is not None and not (batch.fail_fast and any(r["status"] == "failed" for r in results)):
         try:
             scale = client.submit(cohort_scale_of, results, key=f"cohort-scale-{run_id}", pure=False).result()
@@ -215,7 +220,7 @@ def _run_graph(client, info, slides: list[Path], out: Path, batch: BatchConfig, 
                                                   sid=result["slide_id"], annotations_dir=batch.annotations_dir,
                                                   mpp=batch.mpp)
         final = _watch(client, as_completed(list(overlays.values())), task_of, overlays, slides, batch, echo)
-        results = [final[path.stem] for path in slides]
+        results = [final[slide_id_of(path)] for path in slides]
     return results
 
 
@@ -224,7 +229,7 @@ def _watch(client, futures, task_of, chains, slides, batch: BatchConfig, echo) -
     (a worker died on the slide) fails its slide; with ``fail_fast`` the rest is cancelled."""
     finals: dict[str, dict] = {}
     n_slides = len(chains)
-    slide_paths = {p.stem: p for p in slides}
+    slide_paths = {slide_id_of(p): p for p in slides}
     for future in futures:
         sid, task = task_of[future.key]
         if future.status == "error":

@@ -29,7 +29,7 @@ from pathlib import Path
 from wsi_ad.atomic import write_text_atomic
 from wsi_ad.errors import WsiAdError
 from wsi_ad.preprocess import PreprocessConfig, run_stain_stage, run_tiles_stage, run_tissue_stage
-from wsi_ad.slide import open_slide
+from wsi_ad.slide import open_slide, slide_id_of
 from wsi_ad.store import SlideStore
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def _fail(result: dict, task: str, error: str) -> None:
 def new_result(path: str | Path) -> dict:
     """The initial result of a slide: its path and id (the file name without extension)."""
     path = Path(path)
-    return {"slide": str(path), "slide_id": path.stem, "status": "ok", "timings": {}, "warnings": []}
+    return {"slide": str(path), "slide_id": slide_id_of(path), "status": "ok", "timings": {}, "warnings": []}
 
 
 @_task("preprocess")

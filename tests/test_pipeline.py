@@ -220,3 +220,46 @@ def test_a_killed_run_resumes_without_redoing_finished_slides_and_scores_the_sam
 
         resumed = load_scores(SlideStore.open(out / f"{name}.zarr"), scorer.model_id)
         np.testing.assert_allclose(resumed, score_store(scored_setting[key], scorer), rtol=1e-5)
+
+
+def test_a_slide_id_is_the_name_the_user_gave_and_clashes_are_refused_up_front(scored_setting, tmp_path, capsys):
+    """Symlinks named unlike their targets: the link's name is the id of the store, the report row, the label
+    and the annotation look-up. Ids that compare equal (case-insensitively) are refused before any work."""
+    links = tmp_path / "links"
+    links.mkdir()
+    os.symlink(scored_setting["normal"].path, links / "case_A.tif")
+    os.symlink(scored_setting["tumor"].path, links / "case_B.tif")
+    annotations = tmp_path / "ann"
+    annotations.mkdir()
+    shutil.copy(scored_setting["tumor_xml"], annotations / "case_B.xml")
+    labels = tmp_path / "reference.csv"
+    labels.write_text("case_A,Normal,,\ncase_B,Tumor,,Micro\n")
+    out = tmp_path / "o"
+    assert main(["process", str(links), "--out", str(out), "--model", str(scored_setting["model"]), "--labels", str(labels),
+                 "--annotations", str(annotations), "--workers", "1"]) == 0
+    assert sorted(p.name for p in out.glob("*.zarr")) == ["case_A.zarr", "case_B.zarr"]
+    assert SlideStore.open(out / "case_B.zarr").root.attrs["slide_id"] == "case_B"
+    report = json.loads((out / "report.json").read_text())
+    assert {row["slide_id"]: row["label"] for row in report["slides"]} == {"case_A": "Normal", "case_B": "Tumor"}
+    assert report["metrics"]["auc"] == 1.0 and (out / "overlays" / "case_B.png").is_file()
+    capsys.readouterr()
+
+    # links to two different slides whose targets share a name: two ids, two stores
+    sites = tmp_path / "sites"
+    for site, key in (("siteA", "normal"), ("siteB", "tumor")):
+        (sites / site).mkdir(parents=True)
+        os.symlink(scored_setting[key].path, sites / site / "slide1.tif")
+        os.symlink(sites / site / "slide1.tif", links.parent / f"{site[-1]}_slide1.tif")
+    assert main(["process", str(tmp_path / "A_slide1.tif"), str(tmp_path / "B_slide1.tif"), "--out", str(tmp_path / "ab"),
+                 "--workers", "1"]) == 0
+    report = json.loads((tmp_path / "ab" / "report.json").read_text())
+    assert sorted(row["slide_id"] for row in report["slides"]) == ["A_slide1", "B_slide1"]
+    assert sorted(p.name for p in (tmp_path / "ab").glob("*.zarr")) == ["A_slide1.zarr", "B_slide1.zarr"]
+    capsys.readouterr()
+    # the same id twice (the targets' folders given), or twice up to case: refused before any work, both named
+    os.rename(sites / "siteB" / "slide1.tif", sites / "siteB" / "SLIDE1.tif")
+    for args in ([sites / "siteA", sites / "siteB"], [sites]):
+        assert main(["process", *map(str, args), "--out", str(tmp_path / "never")]) == 2
+        err = capsys.readouterr().err
+        assert "share an id" in err and "siteA/slide1.tif" in err and "siteB/SLIDE1.tif" in err
+        assert err.strip().count("\n") == 0 and not (tmp_path / "never").exists()

@@ -211,7 +211,7 @@ class Slide:
         except openslide.OpenSlideError as exc:
             raise SlideError(self.path, f"OpenSlide cannot open it: {exc}") from exc
         self.vendor = vendor
-        self.slide_id = self.path.stem
+        self.slide_id = slide_id_of(self.path)
         self.properties: Mapping[str, str] = dict(self._osr.properties)
         self.level_dimensions: tuple[tuple[int, int], ...] = tuple(self._osr.level_dimensions)
         width0, height0 = self.level_dimensions[0]
@@ -434,6 +434,14 @@ def _resize(image: np.ndarray, size: tuple[int, int], box: tuple[float, float, f
     resample = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
     resized = Image.fromarray(image).resize((int(size[0]), int(size[1])), resample=resample, box=box)
     return np.asarray(resized)
+
+
+def slide_id_of(path: str | os.PathLike) -> str:
+    """The id of the slide at ``path``: the file name the user gave, without its extension
+    (``case_A.tif`` -> ``case_A``). A symlink's own name, never its target's: the id names the slide's store,
+    its report row and its label and annotation look-ups, so it is decided here, once. Ids are compared
+    case-insensitively (:func:`wsi_ad.metrics.normalize_slide_id`)."""
+    return Path(path).stem
 
 
 def find_slides(paths: Iterable[str | os.PathLike]) -> list[Path]:
