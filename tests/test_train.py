@@ -215,3 +215,40 @@ def test_demo_model_scores_tumour_tiles_higher(slides, tmp_path):
     auc = roc_auc_score(inside[keep], scores[keep])
     assert auc > 0.9, (auc, seconds)
     assert seconds < 150, seconds
+
+
+def test_hidden_files_and_folders_are_never_data(slides, tmp_path, capsys):
+    """An anomalib folder with macOS AppleDouble companions (``._x.png``: not images) beside every tile and a
+    ``.ipynb_checkpoints/`` folder: train, evaluate tiles, normalize-tiles and slide discovery skip them."""
+    from pipelines.cli import main
+    from wsi_ad.scoring import find_image_tiles
+    from wsi_ad.slide import find_slides
+    from wsi_ad.store import stores_in
+
+    tiles = np.asarray(SlideStore.open(slides["tumor_store"]).require("tiles")["10x"][:12])   # real H&E renders
+    for k, split in enumerate(("train/good", "test/good", "test/bad")):
+        folder = tmp_path / "tiles" / split
+        (folder / ".ipynb_checkpoints").mkdir(parents=True)
+        for i in range(4):
+            tile = tiles[4 * k + i].copy()
+            if split == "test/bad":
+                tile[..., 1] = 255
+            Image.fromarray(tile).save(folder / f"n_{i:03d}.png")
+            (folder / f"._n_{i:03d}.png").write_bytes(b"\0\5\26\7" + bytes(4092))       # AppleDouble header
+        Image.fromarray(tile).save(folder / ".ipynb_checkpoints" / "n_000-checkpoint.png")
+    root = tmp_path / "tiles"
+    assert len(find_image_tiles(root / "train")) == 4
+    assert len(discover_sources([root / "train" / "good"], "10x", 32)[0]) == 4
+    (tmp_path / "slides" / ".hidden").mkdir(parents=True)
+    (tmp_path / "slides" / "._a.svs").write_bytes(bytes(4096))
+    (tmp_path / "slides" / ".hidden" / "b.svs").write_bytes(bytes(4096))
+    assert find_slides([tmp_path / "slides"]) == []
+    (tmp_path / "stores" / ".x.zarr").mkdir(parents=True)
+    assert stores_in(tmp_path / "stores") == []
+    model = Path(__file__).resolve().parent / "data" / "dpa_checkpoint_format1.pt"     # a 32 px model
+    assert main(["evaluate", "tiles", str(root), "--model", str(model), "--out", str(tmp_path / "eval")]) == 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["splits"]["test"]["n_good"] == 4 and results["splits"]["test"]["n_anomalous"] == 4
+    assert main(["normalize-tiles", str(root), str(tmp_path / "norm")]) == 0
+    assert sorted(p.name for p in (tmp_path / "norm" / "train" / "good").iterdir()
+                  if p.suffix == ".png") == [f"n_{i:03d}.png" for i in range(4)]

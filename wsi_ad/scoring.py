@@ -45,6 +45,7 @@ import zarr
 from wsi_ad.atomic import write_text_atomic
 from wsi_ad.detectors.scorer import Scorer
 from wsi_ad.errors import WsiAdError
+from wsi_ad.files import visible_files
 from wsi_ad.heatmap import load_scores  # noqa: F401  (re-exported: the stage's reader, torch-free, lives there)
 from wsi_ad.store import SlideStore, StoreError, config_hash
 from wsi_ad.tile_pool import IMAGE_SUFFIXES, DataError, ImageFolderSource
@@ -317,7 +318,8 @@ class _CenterCrop:
 
 
 def find_image_tiles(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
-    """PNG/JPEG files named by ``paths`` (files, or folders searched recursively), each folder's sorted."""
+    """PNG/JPEG files named by ``paths`` (files, or folders searched recursively, hidden files and folders
+    skipped: :func:`wsi_ad.files.visible_files`), each folder's sorted."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     files: list[Path] = []
@@ -330,7 +332,7 @@ def find_image_tiles(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> 
                 raise DataError(f"{path}: not a PNG/JPEG tile")
             files.append(path)
             continue
-        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        found = visible_files(path, IMAGE_SUFFIXES)
         if not found:
             raise DataError(f"{path}: no PNG/JPEG tiles found")
         files += found

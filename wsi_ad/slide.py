@@ -38,6 +38,7 @@ import openslide
 from PIL import Image
 
 from wsi_ad.errors import MissingMppError, SlideError
+from wsi_ad.files import visible_files
 
 log = logging.getLogger(__name__)
 
@@ -454,9 +455,7 @@ def find_slides(paths: Iterable[str | os.PathLike]) -> list[Path]:
     found: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            candidates = sorted(p for p in path.rglob("*")
-                                if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS
-                                and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            candidates = visible_files(path, SLIDE_EXTENSIONS)
         else:
             candidates = [path]
         dicom_dirs: set[Path] = set()

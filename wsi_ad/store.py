@@ -42,6 +42,7 @@ import zarr
 from wsi_ad import __version__, codecs  # noqa: F401  (registers the wsi_ad.jpeg codec)
 from wsi_ad.atomic import atomic_path
 from wsi_ad.errors import WsiAdError
+from wsi_ad.files import is_hidden
 
 #: Bump when the layout changes incompatibly; a store of another format version is rebuilt.
 STORE_FORMAT_VERSION = 1
@@ -77,8 +78,9 @@ def is_store_path(path: str | os.PathLike) -> bool:
 
 
 def stores_in(folder: str | os.PathLike) -> list[Path]:
-    """The ``*.zarr`` stores directly in ``folder`` (e.g. the ``--out`` of ``wsi-ad process``), sorted."""
-    return sorted(p for p in Path(folder).iterdir() if p.suffix == STORE_SUFFIX and p.is_dir())
+    """The ``*.zarr`` stores directly in ``folder`` (e.g. the ``--out`` of ``wsi-ad process``), sorted; hidden
+    ones (names starting with ``.``, such as a store being created) skipped."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix == STORE_SUFFIX and not is_hidden(p) and p.is_dir())
 
 
 class SlideStore:

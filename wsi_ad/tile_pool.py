@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from wsi_ad.errors import WsiAdError
+from wsi_ad.files import visible_files
 from wsi_ad.store import SlideStore, is_store_path, stores_in
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -134,7 +135,7 @@ def discover_sources(
         if stores:
             sources += [StoreSource(p, magnification, size, tiles_per_slide, seed) for p in stores]
             continue
-        images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        images = visible_files(path, IMAGE_SUFFIXES)
         if not images:
             raise DataError(f"{path}: no slide stores (*.zarr) and no PNG/JPEG tiles found")
         sources.append(ImageFolderSource(images, size, scale))

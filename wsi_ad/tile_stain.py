@@ -42,6 +42,7 @@ from PIL import Image
 
 from wsi_ad.atomic import atomic_path, write_text_atomic
 from wsi_ad.errors import WsiAdError
+from wsi_ad.files import visible_files
 from wsi_ad.stain import StainError, StainFit, StainNormalizer, StainParams, fit_stain, tissue_pixels
 from wsi_ad.tile_pool import IMAGE_SUFFIXES
 
@@ -121,7 +122,7 @@ def default_target_files(src: str | os.PathLike) -> tuple[list[Path], str]:
     exists, else every tile under ``src``; and a description of that choice."""
     src = Path(src)
     train = src / "train" / "good"
-    if train.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in train.iterdir()):
+    if train.is_dir() and visible_files(train, IMAGE_SUFFIXES):
         return list_images(train), str(train)
     return list_images(src), f"{src} (every tile)"
 
