@@ -562,16 +562,16 @@ def fit_target(source, *, params: StainParams = StainParams(), region: tuple[int
         return fit_stain(source, params=params)
     path = Path(source)
     if region is None and mpp is None and path.suffix.lower() in IMAGE_EXTENSIONS:
-        try:
-            from PIL import Image
+        from wsi_ad.images import ImageReadError, read_image
 
-            with Image.open(path) as image:
-                rgb = np.asarray(image.convert("RGB"))
-            return fit_stain(rgb, params=params)
-        except (OSError, Image.DecompressionBombError):
+        try:
+            rgb = read_image(path)
+        except ImageReadError:
             if path.suffix.lower() not in (".tif", ".tiff"):
                 raise StainError(f"{path}: cannot read the target image") from None
             # a pyramidal TIFF that PIL cannot read: treat it as a slide
+        else:
+            return fit_stain(rgb, params=params)
     from wsi_ad.slide import open_slide
 
     with open_slide(path) as slide:

@@ -17,6 +17,7 @@ from PIL import Image
 
 from wsi_ad.errors import WsiAdError
 from wsi_ad.files import visible_files
+from wsi_ad.images import ImageReadError, read_image
 from wsi_ad.store import SlideStore, is_store_path, stores_in
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -90,18 +91,17 @@ class ImageFolderSource:
 
     def _load(self, file: Path, rng: np.random.Generator) -> np.ndarray:
         try:
-            with Image.open(file) as img:
-                img = img.convert("RGB")
-                w, h = img.size
-                factor = self.scale or 1.0
-                if min(w, h) * factor < self.size:
-                    factor = self.size / min(w, h)
-                if abs(factor - 1.0) > 1e-6:
-                    new = (max(self.size, round(w * factor)), max(self.size, round(h * factor)))
-                    img = img.resize(new, Image.BILINEAR)
-                return _random_crop(np.asarray(img), self.size, rng)
-        except OSError as exc:
-            raise DataError(f"{file}: cannot read image: {exc}") from exc
+            img = Image.fromarray(read_image(file))
+        except ImageReadError as exc:
+            raise DataError(str(exc)) from exc
+        w, h = img.size
+        factor = self.scale or 1.0
+        if min(w, h) * factor < self.size:
+            factor = self.size / min(w, h)
+        if abs(factor - 1.0) > 1e-6:
+            new = (max(self.size, round(w * factor)), max(self.size, round(h * factor)))
+            img = img.resize(new, Image.BILINEAR)
+        return _random_crop(np.asarray(img), self.size, rng)
 
     def read(self, start: int, stop: int, rng: np.random.Generator) -> np.ndarray:
         return np.stack([self._load(f, rng) for f in self.files[start:stop]])

@@ -43,6 +43,7 @@ from PIL import Image
 from wsi_ad.atomic import atomic_path, write_text_atomic
 from wsi_ad.errors import WsiAdError
 from wsi_ad.files import visible_files
+from wsi_ad.images import ImageReadError, read_image
 from wsi_ad.stain import StainError, StainFit, StainNormalizer, StainParams, fit_stain, tissue_pixels
 from wsi_ad.tile_pool import IMAGE_SUFFIXES
 
@@ -79,12 +80,12 @@ def list_images(root: str | os.PathLike) -> list[Path]:
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """An image file as (H, W, 3) uint8 RGB; :class:`StainError` naming the file when it cannot be read."""
+    """An image file as (H, W, 3) uint8 RGB (:func:`wsi_ad.images.read_image`: transparency over white, 16 bits
+    scaled); :class:`StainError` naming the file when it cannot be read."""
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, Image.DecompressionBombError, SyntaxError) as exc:
-        raise StainError(f"{path}: cannot read image: {exc}") from exc
+        return read_image(path)
+    except ImageReadError as exc:
+        raise StainError(str(exc)) from exc
 
 
 def _pooled_tissue_pixels(files: list[Path], pixels_per_file: int, rng: np.random.Generator,
