@@ -37,7 +37,8 @@ def rgb_on_white(image: Image.Image) -> np.ndarray:
         gray = np.clip(np.rint(np.nan_to_num(values)), 0, 255).astype(np.uint8)
         return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        image = image.convert("RGBA")
+        if image.mode != "RGBA":
+            image = image.convert("RGBA")
         if image.getchannel("A").getextrema()[0] < 255:
             image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
     return np.array(image.convert("RGB"))
