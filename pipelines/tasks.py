@@ -218,9 +218,12 @@ def overlay_slide(result: dict, scale, out: Path, *, annotations_dir: Path | Non
         return
     annotations = None
     if xml is not None:
-        from wsi_ad.annotations import read_asap_xml
+        from wsi_ad.annotations import AnnotationError, read_asap_xml
 
-        annotations = read_asap_xml(xml)
+        try:
+            annotations = read_asap_xml(xml)
+        except AnnotationError as exc:  # a drawing problem: the overlay goes without outlines, the slide stays ok
+            result["warnings"] = [*result.get("warnings", []), f"overlay drawn without lesion outlines: {exc}"]
     with open_slide(result["slide"], mpp=mpp) as slide:
         write_overlay(png, slide, load_heatmap(store, result["model_id"]), scale,
                       tissue_mask=load_tissue_mask(store), annotations=annotations)

@@ -192,3 +192,23 @@ def test_area_and_major_axis_of_a_square():
     square = _square(200, 300, 100)
     assert square.area_px() == pytest.approx(10_000.0)
     assert square.major_axis_px() == pytest.approx(100 * 2 ** 0.5)
+
+
+def test_points_and_lines_have_no_area_and_are_skipped_with_a_warning(tmp_path, caplog):
+    """ASAP's Dot (one coordinate), Measurement (a 2-point line) and PointSet beside a lesion polygon: the
+    polygon is read, the others are left out with a warning (never counted as lesion area)."""
+    path = tmp_path / "mixed.xml"
+    path.write_text(
+        '<?xml version="1.0"?><ASAP_Annotations><Annotations>'
+        f'<Annotation Name="lesion" Type="Polygon" PartOfGroup="_0"><Coordinates>{TRIANGLE}</Coordinates></Annotation>'
+        '<Annotation Name="dot" Type="Dot" PartOfGroup="_0"><Coordinates><Coordinate Order="0" X="1" Y="1" />'
+        '</Coordinates></Annotation>'
+        '<Annotation Name="ruler" Type="Measurement" PartOfGroup="None"><Coordinates><Coordinate Order="0" X="0" Y="0" />'
+        '<Coordinate Order="1" X="9" Y="0" /></Coordinates></Annotation>'
+        '<Annotation Name="cells" Type="PointSet" PartOfGroup="Lymphocytes"><Coordinates>'
+        '<Coordinate Order="0" X="1" Y="1" /><Coordinate Order="1" X="2" Y="2" /><Coordinate Order="2" X="3" Y="1" />'
+        '</Coordinates></Annotation></Annotations></ASAP_Annotations>')
+    with caplog.at_level("WARNING"):
+        annotations = read_asap_xml(path)
+    assert [a.name for a in annotations] == ["lesion"]
+    assert "skipped 3 point/line annotation(s)" in caplog.text and "dot (Dot)" in caplog.text

@@ -232,6 +232,7 @@ def test_a_slide_id_is_the_name_the_user_gave_and_clashes_are_refused_up_front(s
     annotations = tmp_path / "ann"
     annotations.mkdir()
     shutil.copy(scored_setting["tumor_xml"], annotations / "case_B.xml")
+    (annotations / "case_A.xml").write_text("<ASAP_Annotations><Annotations>")    # broken: a drawing problem only
     labels = tmp_path / "reference.csv"
     labels.write_text("case_A,Normal,,\ncase_B,Tumor,,Micro\n")
     out = tmp_path / "o"
@@ -242,6 +243,9 @@ def test_a_slide_id_is_the_name_the_user_gave_and_clashes_are_refused_up_front(s
     report = json.loads((out / "report.json").read_text())
     assert {row["slide_id"]: row["label"] for row in report["slides"]} == {"case_A": "Normal", "case_B": "Tumor"}
     assert report["metrics"]["auc"] == 1.0 and (out / "overlays" / "case_B.png").is_file()
+    case_a = next(row for row in report["slides"] if row["slide_id"] == "case_A")
+    assert case_a["status"] == "ok" and (out / "overlays" / "case_A.png").is_file()
+    assert any("without lesion outlines" in w and "malformed XML" in w for w in case_a["warnings"])
     capsys.readouterr()
 
     # links to two different slides whose targets share a name: two ids, two stores

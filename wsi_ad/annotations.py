@@ -19,6 +19,7 @@ external entities are refused rather than expanded.
 
 from __future__ import annotations
 
+import logging
 import os
 import xml.etree.ElementTree as StdET
 from collections.abc import Iterable, Mapping
@@ -35,6 +36,8 @@ from wsi_ad.errors import AnnotationError
 
 TUMOR = "tumor"
 EXCLUSION = "exclusion"
+
+log = logging.getLogger(__name__)
 
 #: Group names (compared case-insensitively) and the kind they mean. ``_0`` and ``_1`` are the two
 #: Camelyon16 tumour groups, ``_2`` the exclusion group; the named variants occur in Camelyon17 and
@@ -128,10 +131,18 @@ def _parse_number(text: str | None, what: str) -> float:
     return value
 
 
-def _parse_annotation(elem: StdET.Element, index: int, group_kinds: Mapping[str, str] | None) -> Annotation:
+#: ASAP annotation types that outline a region (a lesion or an exclusion); the others (Dot, PointSet,
+#: Measurement, ...) mark points or lines, which have no area.
+REGION_TYPES = ("Polygon", "Spline", "Rectangle")
+
+
+def _parse_annotation(elem: StdET.Element, index: int, group_kinds: Mapping[str, str] | None) -> Annotation | None:
+    """The region of ``elem``, or None for a point or line annotation (no area: never lesion tissue)."""
     name = elem.get("Name") or f"Annotation {index}"
     group = elem.get("PartOfGroup") or "None"
     shape_type = elem.get("Type") or "Polygon"
+    if shape_type not in REGION_TYPES:
+        return None
     kind = group_kind(group, group_kinds)
     if kind is None:
         raise ValueError(
@@ -161,6 +172,9 @@ def read_asap_xml(path: str | os.PathLike, *, group_kinds: Mapping[str, str] | N
     any other group raises ``AnnotationError``: guessing "tumour" would silently corrupt labels and
     FROC, guessing "exclusion" would silently drop lesions, so the caller must say what the group means.
 
+    Only regions (:data:`REGION_TYPES`: Polygon, Spline, Rectangle) are returned; points and lines (ASAP
+    ``Dot``, ``PointSet``, ``Measurement``, ...) have no area, so they are skipped with a logged warning.
+
     Raises ``AnnotationError(path, cause)`` for a missing or unreadable file, malformed XML, forbidden
     XML constructs (DTD entities, external references), non-numeric coordinates or a region with fewer
     than 3 vertices.
@@ -179,12 +193,18 @@ def read_asap_xml(path: str | os.PathLike, *, group_kinds: Mapping[str, str] | N
     root = tree.getroot()
     if root.tag != "ASAP_Annotations":
         raise AnnotationError(path, f"not an ASAP annotation file (root element <{root.tag}>)")
-    annotations = []
+    annotations, skipped = [], []
     for index, elem in enumerate(root.iter("Annotation")):
         try:
-            annotations.append(_parse_annotation(elem, index, group_kinds))
+            annotation = _parse_annotation(elem, index, group_kinds)
         except ValueError as exc:
             raise AnnotationError(path, str(exc)) from None
+        if annotation is None:
+            skipped.append(f"{elem.get('Name') or f'Annotation {index}'} ({elem.get('Type')})")
+        else:
+            annotations.append(annotation)
+    if skipped:
+        log.warning("%s: skipped %d point/line annotation(s) without area: %s", path, len(skipped), ", ".join(skipped))
     return annotations
 
 
