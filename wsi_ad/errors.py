@@ -34,9 +34,9 @@ class AnnotationError(InputFileError):
 
 
 def load_error_reason(exc: BaseException) -> str:
-    """One line saying why ``torch.load`` (``weights_only=True``) failed on a file: "not a torch file ..." for
-    an unpickling error (torch's own text advises ``weights_only=False``, which is no fix for a user), else
-    the first line of the error."""
+    """One line saying why loading a file or a state dict failed: "not a torch file ..." for an unpickling
+    error of ``torch.load(weights_only=True)`` (torch's own text advises ``weights_only=False``, which is no
+    fix for a user), else the first line of the error."""
     import pickle
 
     if isinstance(exc, pickle.UnpicklingError):

@@ -131,7 +131,7 @@ def detector_from_payload(payload: dict[str, Any], device: torch.device | str | 
     try:
         detector.load_state_dict(payload["state"])
     except (RuntimeError, KeyError, TypeError, ValueError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"the checkpoint's weights do not fit its {config.detector} config: {reason}") from exc
+        raise CheckpointError(f"the checkpoint's weights do not fit its {config.detector} config: "
+                              f"{load_error_reason(exc)}") from exc
     detector.eval()
     return detector, config
