@@ -149,11 +149,11 @@ def run_camelyon16(data: str | Path, run: str | Path, *, model: str | Path | Non
         "data": str(layout.root), "run": str(run), "model": str(model),
         "model_id": next((r["model_id"] for r in tested.results if r.get("model_id")), None),
         "hyperparameter_selection": selection,
-        "slide": tested.metrics,
+        "slide": metrics["slide"],
         "tile": metrics["tile"],
         "froc": metrics["froc"],
-        "failed_slides": [{"slide_id": r["slide_id"], "error": r.get("error")} for r in tested.results
-                          if r["status"] == "failed"],
+        "slides": metrics["slides"],
+        "slide_statuses": SLIDE_STATUSES,
         "reference_results": list(REFERENCE_RESULTS),
         "report": str(tested.report_html),
         "seconds": {key: round(value, 1) for key, value in timings.items()},
@@ -189,63 +189,167 @@ def _select(layout: Camelyon16Layout, run: Path, normal_stores: list[Path], base
     return _Config.from_yaml(outcome.best_config_path), summary
 
 
+#: What each per-slide ``status`` of the evaluation means.
+SLIDE_STATUSES = {
+    "scored": "scored: in every metric",
+    "failed": "failed in `wsi-ad process`: no slide score (counted wrong in the slide AUC), no tiles, lesions missed",
+    "no tiles": "no tissue tiles: no slide score (counted wrong in the slide AUC), lesions missed",
+    "not found": "no slide file of this id in testing/images: counted like a failed slide",
+    "unreadable": "its store could not be read back: counted like a failed slide",
+}
+
+
 def evaluate_run(results: list[dict], layout: Camelyon16Layout) -> dict:
-    """Tile-level AUC and FROC of a scored run over the test slides (slides that failed are left out)."""
-    from wsi_ad.annotations import read_asap_xml
-    from wsi_ad.heatmap import load_heatmap
+    """Slide AUC, tile AUC and FROC of a scored run, with the whole reference as the denominator.
+
+    Every row of ``reference.csv`` is evaluated, whatever happened to its slide (``SLIDE_STATUSES``): a slide
+    without a score counts as a wrong answer in the slide AUC (:func:`wsi_ad.metrics.slide_auc_report`,
+    ``missing="wrong"``; the AUC of the scored slides alone is ``scored_only``), the lesions of a tumour slide
+    without detections count as missed in the FROC and a normal slide without detections still counts in its
+    false positives per slide (:func:`wsi_ad.metrics.froc`), and a slide without tiles adds none to the tile
+    AUC (named in ``slides_without_tiles``). A metric that the data leave undefined (one class of tiles, no
+    lesion larger than an isolated-tumour-cell cluster) is ``None`` with a ``note`` saying why; it never stops
+    the evaluation. Returns ``{"slide", "tile", "froc", "slides"}``; ``slides`` has one entry per reference row
+    (``slide_id``, ``label``, ``metastasis``, ``status``, ``slide_score``, ``n_tiles``, ``n_tumor_tiles``,
+    ``n_lesions``, ``n_itc``, ``note``)."""
     from wsi_ad.metrics import (
+        DEFAULT_FROC_EXCLUDE,
         MetricsError,
-        detections_from_heatmap,
-        evaluation_mask,
         froc,
         normalize_slide_id,
         read_reference_csv,
+        slide_auc_report,
         tile_auc,
-        tile_labels,
     )
-    from wsi_ad.scoring import load_scores
-    from wsi_ad.store import SlideStore
 
-    reference = {row.key: row for row in read_reference_csv(layout.reference)}
+    reference = read_reference_csv(layout.reference)
+    by_key = {normalize_slide_id(r["slide_id"]): r for r in results}
+    entries: list[dict] = []
+    slide_scores: dict[str, float] = {}
     tumor_tiles: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     normal_tiles: dict[str, np.ndarray] = {}
     detections: dict[str, np.ndarray] = {}
     masks: dict = {}
-    skipped: list[str] = []
-    for result in results:
-        key = normalize_slide_id(result["slide_id"])
-        row = reference.get(key)
-        if result["status"] != "ok" or not result.get("model_id") or row is None:
-            skipped.append(result["slide_id"])
+    no_mask: list[str] = []
+    for row in reference:
+        result = by_key.get(row.key)
+        entry = {"slide_id": row.slide_id, "label": row.label, "metastasis": row.metastasis, "status": "scored",
+                 "slide_score": None, "n_tiles": None, "n_tumor_tiles": None, "n_lesions": None, "n_itc": None,
+                 "note": None}
+        entries.append(entry)
+        scored = _read_scored_slide(result, entry)
+        if scored is not None:
+            slide_scores[row.slide_id] = entry["slide_score"]
+            detections[row.slide_id] = scored["detections"]
+        if not row.is_tumor:
+            masks[row.slide_id] = None
+            if scored is not None:
+                normal_tiles[row.slide_id] = scored["scores"]
             continue
+        mask, annotations = _lesion_mask(layout, row.slide_id, result, entry)
+        if mask is None:
+            no_mask.append(row.slide_id)
+            continue
+        masks[row.slide_id] = mask
+        entry["n_lesions"], entry["n_itc"] = mask.n_lesions, len(mask.itc_labels)
+        if scored is not None:
+            from wsi_ad.metrics import tile_labels
+
+            labels = tile_labels(scored["coords"], scored["tile0"], annotations)
+            tumor_tiles[row.slide_id] = (scored["scores"], labels)
+            entry["n_tumor_tiles"] = int((labels == 1).sum())
+
+    slide = slide_auc_report(reference, slide_scores, missing="wrong")
+    slide["auc"] = slide["overall"]["auc"]
+    without = [e["slide_id"] for e in entries if e["status"] != "scored"]
+    try:
+        tile = tile_auc(tumor_tiles, normal_tiles)
+    except MetricsError as exc:             # one class of tiles (e.g. every lesion smaller than a tile)
+        n_pos = sum(int((labels == 1).sum()) for _, labels in tumor_tiles.values())
+        tile = {"auc": None, "note": f"undefined: {exc}", "n_tumor_tiles": n_pos,
+                "n_normal_tiles": sum(int(s.size) for s in normal_tiles.values()),
+                "n_tumor_slides": len(tumor_tiles), "n_normal_slides": len(normal_tiles)}
+    tile["min_tumor_overlap"] = 1.0
+    tile["slides_without_tiles"] = without
+    try:
+        froc_result = froc(detections, masks).as_dict()
+    except MetricsError as exc:             # e.g. no lesion larger than an ITC among the reference slides
+        froc_result = {"score": None, "note": f"undefined: {exc}", "n_lesions": 0,
+                       "n_slides": sum(normalize_slide_id(s) not in DEFAULT_FROC_EXCLUDE for s in masks),
+                       "missing": [s for s in without if s in masks]}
+    if no_mask:
+        froc_result["not_evaluable"] = no_mask
+        froc_result["not_evaluable_note"] = "tumour slides whose lesions are unknown (no readable annotation file)"
+    return {"slide": slide, "tile": tile, "froc": froc_result, "slides": entries}
+
+
+def _read_scored_slide(result: dict | None, entry: dict) -> dict | None:
+    """Scores, tile coordinates and heatmap detections of one slide of the run, or None (``entry``'s status
+    and note then say why)."""
+    from wsi_ad.heatmap import load_heatmap
+    from wsi_ad.metrics import detections_from_heatmap
+    from wsi_ad.scoring import load_scores
+    from wsi_ad.store import SlideStore
+
+    if result is None:
+        entry.update(status="not found", note="no slide file of this id in testing/images")
+        return None
+    entry["n_tiles"] = result.get("n_tiles")
+    if result["status"] == "failed":
+        entry.update(status="failed", note=f"{result.get('failed_task')}: {result.get('error')}")
+        return None
+    if not result.get("model_id") or result.get("slide_score") is None:
+        entry.update(status="no tiles", note="no tissue tiles to score" + "".join(
+            f"; {w}" for w in result.get("warnings", [])[:1]))
+        return None
+    try:
         store = SlideStore.open(result["store"])
         scores = load_scores(store, result["model_id"])
         heatmap = load_heatmap(store, result["model_id"])
-        xml = layout.testing_annotations / f"{result['slide_id']}.xml"
-        offset = ((heatmap.tile0[0] - heatmap.level0_per_cell[0]) / 2, (heatmap.tile0[1] - heatmap.level0_per_cell[1]) / 2)
-        detections[result["slide_id"]] = detections_from_heatmap(
-            heatmap.values, heatmap.level0_per_cell,
-            origin=(heatmap.origin_level0[0] + offset[0], heatmap.origin_level0[1] + offset[1]))
-        if row.is_tumor:
-            if not xml.exists():
-                raise WsiAdError(f"{xml}: annotation of tumour test slide {result['slide_id']} not found")
-            annotations = read_asap_xml(xml)
-            tiles = store.require("tiles")
-            labels = tile_labels(np.asarray(tiles["coords"][:]), tuple(tiles.attrs["geometry"]["tile0"]), annotations)
-            tumor_tiles[result["slide_id"]] = (scores, labels)
-            masks[result["slide_id"]] = evaluation_mask(annotations, (result["width"], result["height"]),
-                                                        mpp0=result["mpp"])
-        else:
-            normal_tiles[result["slide_id"]] = scores
-            masks[result["slide_id"]] = None
-    tile = tile_auc(tumor_tiles, normal_tiles) if tumor_tiles and normal_tiles else \
-        {"auc": None, "note": "needs tumour and normal test slides with tiles"}
+        tiles = store.require("tiles")
+        coords, tile0 = np.asarray(tiles["coords"][:]), tuple(tiles.attrs["geometry"]["tile0"])
+    except (WsiAdError, OSError, KeyError) as exc:
+        entry.update(status="unreadable", note=f"{result['store']}: {exc}")
+        return None
+    entry["slide_score"] = float(result["slide_score"])
+    offset = ((heatmap.tile0[0] - heatmap.level0_per_cell[0]) / 2, (heatmap.tile0[1] - heatmap.level0_per_cell[1]) / 2)
+    found = detections_from_heatmap(heatmap.values, heatmap.level0_per_cell,
+                                    origin=(heatmap.origin_level0[0] + offset[0], heatmap.origin_level0[1] + offset[1]))
+    return {"scores": scores, "coords": coords, "tile0": tile0, "detections": found}
+
+
+def _lesion_mask(layout: Camelyon16Layout, slide_id: str, result: dict | None, entry: dict):
+    """(evaluation mask, annotations) of a tumour reference slide from its ASAP XML, or (None, None) with a
+    note in ``entry``. The slide's level-0 size and µm/px come from the run; for a slide that could not be
+    opened they are the annotations' extent (plus the dilation margin) and the Camelyon16 0.243 µm/px."""
+    from wsi_ad.annotations import AnnotationError, annotation_file, read_asap_xml
+    from wsi_ad.metrics import CAMELYON16_MPP, DILATION_UM, MetricsError, evaluation_mask
+
+    def note(text: str) -> None:
+        entry["note"] = f"{entry['note']}; {text}" if entry["note"] else text
+
     try:
-        froc_result = froc(detections, masks).as_dict()
-    except MetricsError as exc:             # e.g. no lesion larger than an ITC among the evaluated slides
-        froc_result = {"score": None, "note": str(exc)}
-    tile["min_tumor_overlap"] = 1.0
-    return {"tile": tile, "froc": froc_result, "skipped": skipped}
+        xml = annotation_file(layout.testing_annotations, slide_id)
+        if xml is None:
+            note(f"tumour slide without {slide_id}.xml in {layout.testing_annotations}: its lesions are unknown, "
+                 "it is left out of the FROC")
+            return None, None
+        annotations = read_asap_xml(xml)
+    except AnnotationError as exc:
+        note(f"its lesions are unknown ({exc}), it is left out of the FROC")
+        return None, None
+    size = (result or {}).get("width"), (result or {}).get("height")
+    mpp = (result or {}).get("mpp") or CAMELYON16_MPP
+    if not all(size):
+        margin = 4 * DILATION_UM / mpp
+        points = np.concatenate([a.vertices for a in annotations]) if annotations else np.zeros((1, 2))
+        size = tuple(int(np.ceil(points[:, i].max() + margin)) + 1 for i in (0, 1))
+        note(f"lesions counted on the annotations alone (slide size unknown; {mpp} µm/px)")
+    try:
+        return evaluation_mask(annotations, size, mpp0=mpp), annotations
+    except MetricsError as exc:
+        note(f"its lesions are unknown ({exc}), it is left out of the FROC")
+        return None, None
 
 
 def _fmt(value) -> str:
@@ -253,12 +357,18 @@ def _fmt(value) -> str:
 
 
 def results_table(results: dict) -> str:
-    """A markdown table: each metric, ours, and the published numbers beside it."""
-    slide = (results.get("slide") or {}).get("overall", {})
+    """Markdown: each metric, ours (or why it is undefined), and the published numbers beside it; then every
+    reference slide that is not in every metric, with its status and reason."""
+    slide_block = results.get("slide") or {}
+    slide = slide_block.get("overall", {})
+    blocks = {"slide_auc": slide, "tile_auc": results["tile"], "froc": results["froc"]}
     ours = {"slide_auc": slide.get("auc"), "tile_auc": results["tile"].get("auc"), "froc": results["froc"].get("score")}
     ci = f" (95% CI {_fmt(slide.get('ci_low'))}–{_fmt(slide.get('ci_high'))})" if slide.get("auc") is not None else ""
+    unscored = len(slide_block.get("missing") or [])
     counts = {
-        "slide_auc": f"{slide.get('n_tumor', 0)} tumour / {slide.get('n_normal', 0)} normal slides",
+        "slide_auc": f"{slide.get('n_tumor', 0)} tumour / {slide.get('n_normal', 0)} normal slides"
+                     + (f", {unscored} unscored counted wrong" if unscored and slide_block.get("missing_counted_as") == "wrong"
+                        else ""),
         "tile_auc": f"{results['tile'].get('n_tumor_tiles', 0)} tumour / {results['tile'].get('n_normal_tiles', 0)} normal tiles",
         "froc": f"{results['froc'].get('n_lesions', 0)} lesions on {results['froc'].get('n_slides', 0)} slides",
     }
@@ -268,15 +378,31 @@ def results_table(results: dict) -> str:
         published = [r for r in REFERENCE_RESULTS if r["metric"] == metric]
         first = True
         for ref in published:
-            mine = (_fmt(ours[metric]) + (ci if metric == "slide_auc" else "")) if first else ""
-            lines.append(f"| {names[metric] if first else ''} | {mine} | {counts[metric] if first else ''} | "
-                         f"{ref['value']:.3f} | {ref['who']} |")
+            if first:
+                mine = _fmt(ours[metric]) + (ci if metric == "slide_auc" else "") if ours[metric] is not None \
+                    else "undefined"
+            lines.append(f"| {names[metric] if first else ''} | {mine if first else ''} | "
+                         f"{counts[metric] if first else ''} | {ref['value']:.3f} | {ref['who']} |")
             first = False
+    scored_only = slide_block.get("scored_only") or {}
+    if unscored and scored_only.get("auc") is not None:
+        lines.append(f"| slide AUC, scored slides only | {_fmt(scored_only['auc'])} | {scored_only['n_tumor']} / "
+                     f"{scored_only['n_normal']} slides | | |")
     for split in ("macro", "micro"):
-        block = (results.get("slide") or {}).get(split) or {}
+        block = slide_block.get(split) or {}
         if block.get("auc") is not None:
             lines.append(f"| slide AUC, {split} vs normal | {_fmt(block['auc'])} | {block['n_tumor']} / "
                          f"{block['n_normal']} slides | | |")
+    notes = [f"- {names[metric]} undefined: {blocks[metric].get('note', '').removeprefix('undefined: ')}"
+             for metric in ("slide_auc", "tile_auc", "froc") if ours[metric] is None]
+    if notes:
+        lines += ["", *notes]
+    partial = [e for e in results.get("slides", []) if e["status"] != "scored" or e.get("note")]
+    if partial:
+        lines += ["", f"Reference slides not in every metric ({len(partial)} of {len(results['slides'])}):", "",
+                  "| slide | label | status | why |", "|---|---|---|---|"]
+        lines += [f"| {e['slide_id']} | {e['label']} | {e['status']} | {(e.get('note') or '').replace('|', '/')} |"
+                  for e in partial]
     return "\n".join(lines)
 
 

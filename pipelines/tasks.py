@@ -198,7 +198,8 @@ def overlay_slide(result: dict, scale, out: Path, *, annotations_dir: Path | Non
     """Write ``<out>/overlays/<slide_id>.png``: the heatmap over the thumbnail on the cohort scale ``scale``.
 
     Skipped when the PNG exists and its sidecar JSON records the same model, heatmap and scale. With
-    ``annotations_dir``, ``<slide_id>.xml`` there (ASAP XML) is outlined.
+    ``annotations_dir``, ``<slide_id>.xml`` there (ASAP XML, :func:`wsi_ad.annotations.annotation_file`) is
+    outlined.
     """
     from wsi_ad.heatmap import load_heatmap
     from wsi_ad.overlay import write_overlay
@@ -208,8 +209,14 @@ def overlay_slide(result: dict, scale, out: Path, *, annotations_dir: Path | Non
         return
     store = SlideStore.open(result["store"])
     png = out / "overlays" / f"{result['slide_id']}.png"
-    xml = Path(annotations_dir) / f"{result['slide_id']}.xml" if annotations_dir else None
-    xml = xml if xml is not None and xml.exists() else None
+    xml = None
+    if annotations_dir:
+        from wsi_ad.annotations import AnnotationError, annotation_file
+
+        try:
+            xml = annotation_file(annotations_dir, result["slide_id"])
+        except AnnotationError as exc:  # two candidates: outline neither rather than guess
+            result["warnings"] = [*result.get("warnings", []), f"overlay drawn without lesion outlines: {exc}"]
     stamp = {"model_id": result["model_id"], "heatmap": store.stages[f"heatmap/{result['model_id']}"]["config_hash"],
              "scale": [float(scale.vmin), float(scale.vmax)], "annotations": str(xml) if xml else None}
     sidecar = png.with_suffix(".json")

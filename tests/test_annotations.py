@@ -212,3 +212,19 @@ def test_points_and_lines_have_no_area_and_are_skipped_with_a_warning(tmp_path, 
         annotations = read_asap_xml(path)
     assert [a.name for a in annotations] == ["lesion"]
     assert "skipped 3 point/line annotation(s)" in caplog.text and "dot (Dot)" in caplog.text
+
+
+def test_annotation_file_is_found_as_slide_ids_are_compared(tmp_path):
+    from wsi_ad.annotations import annotation_file
+    from wsi_ad.errors import AnnotationError
+
+    (tmp_path / "test_001.xml").write_text("<ASAP_Annotations/>")
+    (tmp_path / "._Test_002.xml").write_text("AppleDouble")          # hidden: never an annotation
+    assert annotation_file(tmp_path, "Test_001") == tmp_path / "test_001.xml"   # reference.csv spelling
+    assert annotation_file(tmp_path, "test_001") == tmp_path / "test_001.xml"
+    assert annotation_file(tmp_path, "Test_002") is None
+    assert annotation_file(tmp_path / "absent", "Test_001") is None
+    (tmp_path / "TEST_001.xml").write_text("<ASAP_Annotations/>")
+    if len({p.name.lower() for p in tmp_path.iterdir()}) == len(list(tmp_path.iterdir())):  # case-sensitive disk
+        with pytest.raises(AnnotationError, match="2 annotation files for slide Test_001"):
+            annotation_file(tmp_path, "Test_001")

@@ -7,11 +7,13 @@ import csv
 import json
 
 import numpy as np
+import pytest
+import tifffile
 from PIL import Image
 
 from pipelines.camelyon16 import REFERENCE_RESULTS, run_camelyon16
 from pipelines.cli import main
-from wsi_ad.annotations import read_asap_xml
+from wsi_ad.annotations import Annotation, read_asap_xml, write_asap_xml
 from wsi_ad.config import Config
 from wsi_ad.metrics import tile_labels
 from wsi_ad.store import SlideStore
@@ -51,6 +53,74 @@ def test_camelyon16_protocol_on_a_synthetic_dataset_and_its_rerun(synth_dataset,
     report = json.loads((run / "testing" / "report.json").read_text())
     assert all(row["stages_run"] == [] for row in report["slides"])
     assert again["tile"]["auc"] == tile["auc"] and again["froc"]["score"] == froc["score"]
+
+
+def _square(cx: float, cy: float, side_um: float, mpp: float = 0.243) -> Annotation:
+    half = side_um / mpp / 2
+    vertices = np.array([[cx - half, cy - half], [cx + half, cy - half], [cx + half, cy + half], [cx - half, cy + half]])
+    return Annotation(name="Annotation 0", group="_0", kind="tumor", shape_type="Polygon", vertices=vertices)
+
+
+def test_camelyon16_results_are_always_written_and_every_reference_slide_counts(scored_setting, tmp_path, capsys):
+    """Issue 14, item 5. First the only tumour test slide has one lesion of 39 µm, smaller than a tile (62 µm at
+    10x) and an isolated-tumour-cell cluster for the FROC: tile AUC and FROC are undefined, said so with the
+    reason, and the results are written. Then the reference grows by slides that failed (a corrupt file with a
+    1 mm lesion), are absent (no file) or have no tissue (blank glass): each is listed and counts."""
+    data, run = tmp_path / "c16", tmp_path / "run"
+    images, xmls = data / "testing" / "images", data / "testing" / "lesion_annotations"
+    images.mkdir(parents=True)
+    xmls.mkdir(parents=True)
+    (images / "test_001.tif").symlink_to(scored_setting["normal"].path)
+    (images / "test_002.tif").symlink_to(scored_setting["tumor"].path)
+    cx, cy = scored_setting["tumor"].annotations[0].vertices.mean(axis=0)
+    write_asap_xml(xmls / "test_002.xml", [_square(cx, cy, 39.0)])
+    (data / "testing" / "reference.csv").write_text("Test_001,Normal,None,None\nTest_002,Tumor,IDC,Micro\n")
+    argv = ["evaluate", "camelyon16", "--data", str(data), "--run", str(run), "--model", str(scored_setting["model"]),
+            "--workers", "1", "--device", "cpu"]
+    assert main(argv) == 0
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["slide"]["auc"] in (0.0, 1.0) and saved["slide"]["complete"] is True
+    tile, froc = saved["tile"], saved["froc"]
+    assert tile["auc"] is None and tile["n_tumor_tiles"] == 0 and tile["n_normal_tiles"] > 100
+    assert "needs tumour and normal tiles" in tile["note"]
+    assert froc["score"] is None and "at least one lesion" in froc["note"] and froc["n_slides"] == 2
+    assert [e["status"] for e in saved["slides"]] == ["scored", "scored"]
+    assert saved["slides"][1]["n_lesions"] == 0 and saved["slides"][1]["n_itc"] == 1
+    table = (run / "results.md").read_text()
+    assert "| tile-level ROC AUC | undefined |" in table and "| FROC score | undefined |" in table
+    assert "- tile-level ROC AUC undefined: tile AUC needs tumour and normal tiles" in table
+    assert "undefined" in capsys.readouterr().out
+
+    # the whole reference is the denominator
+    (images / "test_003.tif").write_bytes(b"II*\x00" + bytes(range(256)) * 64)        # corrupt: fails alone
+    write_asap_xml(xmls / "test_003.xml", [_square(20000.0, 20000.0, 1000.0)])      # a 1 mm lesion on it
+    tifffile.imwrite(images / "test_005.tif", np.full((4096, 4096, 3), 243, np.uint8), tile=(256, 256),
+                     photometric="rgb", compression="deflate", resolution=(1e4 / 0.243, 1e4 / 0.243),
+                     resolutionunit="CENTIMETER")                                       # blank glass: no tiles
+    with (data / "testing" / "reference.csv").open("a") as f:
+        f.write("Test_003,Tumor,IDC,Macro\nTest_004,Normal,None,None\nTest_005,Normal,None,None\n")
+    assert main(argv) == 0
+    saved = json.loads((run / "results.json").read_text())
+    slides = {e["slide_id"]: e for e in saved["slides"]}
+    assert {sid: e["status"] for sid, e in slides.items()} == {
+        "Test_001": "scored", "Test_002": "scored", "Test_003": "failed", "Test_004": "not found",
+        "Test_005": "no tiles"}
+    assert "no tissue" in slides["Test_005"]["note"] and "not a slide format" in slides["Test_003"]["note"]
+    slide = saved["slide"]
+    assert slide["missing"] == ["Test_003", "Test_004", "Test_005"] and slide["missing_counted_as"] == "wrong"
+    assert (slide["overall"]["n_tumor"], slide["overall"]["n_normal"]) == (2, 3)
+    # 6 tumour-normal pairs; the only pair that can be right is scored tumour Test_002 over scored normal Test_001
+    right = slides["Test_002"]["slide_score"] > slides["Test_001"]["slide_score"]
+    assert slide["auc"] == pytest.approx(right / 6)
+    assert slide["scored_only"]["auc"] == float(right)
+    froc = saved["froc"]
+    assert froc["n_lesions"] == 1 and froc["n_detected_lesions"] == 0 and froc["score"] == 0.0
+    assert froc["n_slides"] == 5 and froc["missing"] == ["Test_003", "Test_004", "Test_005"]
+    assert slides["Test_003"]["n_lesions"] == 1 and "annotations alone" in slides["Test_003"]["note"]
+    assert saved["tile"]["auc"] is None and saved["tile"]["slides_without_tiles"] == ["Test_003", "Test_004", "Test_005"]
+    table = (run / "results.md").read_text()
+    assert "Reference slides not in every metric (3 of 5)" in table
+    assert "| Test_004 | Normal | not found |" in table and "3 unscored counted wrong" in table
 
 
 def _write_pngs(folder, tiles) -> None:

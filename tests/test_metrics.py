@@ -184,6 +184,27 @@ def test_slide_auc_report_macro_micro_missing_and_unexpected():
         slide_auc_report(rows, {"Test_001": float("nan")})
 
 
+def test_slide_auc_over_the_whole_reference_counts_an_unscored_slide_as_wrong():
+    rows = [_row("Test_001", "Tumor", "Macro"), _row("Test_002", "Tumor", "Micro"), _row("Test_003", "Normal", None),
+            _row("Test_004", "Normal", None), _row("Test_005", "Normal", None)]
+    # Test_002 (tumour) and Test_005 (normal) failed: the scored slides alone separate perfectly
+    scores = {"Test_001": 0.9, "Test_003": 0.5, "Test_004": 0.1}
+    report = slide_auc_report(rows, scores, missing="wrong", n_boot=50)
+    assert report["missing"] == ["Test_002", "Test_005"] and report["missing_counted_as"] == "wrong"
+    overall = report["overall"]
+    assert (overall["n_tumor"], overall["n_normal"]) == (2, 3)
+    # pairs (tumour, normal): Test_001 beats 0.5 and 0.1 but not the unscored normal (ranked above every tumour);
+    # the unscored tumour Test_002 ranks below everything: 2 of 6 pairs right
+    assert overall["auc"] == pytest.approx(2 / 6)
+    assert report["scored_only"]["auc"] == pytest.approx(1.0) and report["scored_only"]["n_tumor"] == 1
+    assert report["micro"]["auc"] == pytest.approx(0.0)           # its only tumour slide is the unscored one
+    omitted = slide_auc_report(rows, scores, n_boot=50)
+    assert omitted["overall"]["auc"] == pytest.approx(1.0) and omitted["missing_counted_as"] == "left out"
+    assert "scored_only" not in omitted
+    with pytest.raises(MetricsError, match="missing must be one of"):
+        slide_auc_report(rows, scores, missing="zero")
+
+
 def _row(slide_id, label, metastasis):
     from wsi_ad.metrics import ReferenceRow
 

@@ -218,7 +218,7 @@ def test_anomaly_tiles_lie_inside_the_tumour_and_are_capped(setting, tmp_path):
     assert selection.sample.tiles("10x", 32).shape == (10, 32, 32, 3)
     assert anomaly_tiles([setting["tumor_store"]], setting["xml_dir"], 10, 3).sample.key() == selection.sample.key()
     (tmp_path / "xml").mkdir()
-    with pytest.raises(TuneError, match="no annotation file for tumour slide tumor_103"):
+    with pytest.raises(TuneError, match="no annotation file tumor_103.xml for tumour slide tumor_103"):
         anomaly_tiles([setting["tumor_store"]], tmp_path / "xml")
 
 

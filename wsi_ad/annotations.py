@@ -269,6 +269,29 @@ def write_asap_xml(path: str | os.PathLike, annotations: Iterable[Annotation]) -
     return Path(path)
 
 
+def annotation_file(folder: str | os.PathLike, slide_id: str) -> Path | None:
+    """The ASAP XML file of slide ``slide_id`` in ``folder``: ``<slide_id>.xml``, matched the way slide ids are
+    compared everywhere (:func:`wsi_ad.metrics.normalize_slide_id`: case-insensitively, so ``Test_001`` of a
+    reference CSV finds ``test_001.xml``); hidden files are not annotations. None when there is none.
+
+    Raises ``AnnotationError`` when two files in ``folder`` match (``Test_001.xml`` and ``test_001.xml``)."""
+    from wsi_ad.metrics import normalize_slide_id
+
+    folder = Path(folder)
+    exact = folder / f"{slide_id}.xml"
+    if exact.is_file() and not exact.name.startswith("."):
+        matches = [exact]
+    else:
+        key = normalize_slide_id(slide_id)
+        matches = [p for p in (folder.iterdir() if folder.is_dir() else ())
+                   if p.suffix.lower() == ".xml" and not p.name.startswith(".") and p.is_file()
+                   and normalize_slide_id(p.name) == key]
+    if len(matches) > 1:
+        raise AnnotationError(folder, f"{len(matches)} annotation files for slide {slide_id} "
+                                      f"({', '.join(sorted(p.name for p in matches))}); keep one")
+    return matches[0] if matches else None
+
+
 def tumor_annotations(annotations: Iterable[Annotation]) -> list[Annotation]:
     """The tumour annotations (kind ``"tumor"``)."""
     return [a for a in annotations if a.kind == TUMOR]

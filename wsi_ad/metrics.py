@@ -285,10 +285,15 @@ def _auc_block(labels: np.ndarray, scores: np.ndarray, n_boot: int, seed: int, a
     return out
 
 
+#: How ``slide_auc_report`` treats a reference slide without a score.
+MISSING_POLICIES = ("omit", "wrong")
+
+
 def slide_auc_report(
     reference_rows: Iterable[ReferenceRow],
     slide_scores: Mapping[str, float],
     *,
+    missing: str = "omit",
     n_boot: int = 2000,
     seed: int = 0,
     alpha: float = 0.05,
@@ -303,10 +308,16 @@ def slide_auc_report(
     ``n_normal`` and ``roc`` points (``fpr``, ``tpr``, ``thresholds``); a block with one class empty has
     ``auc`` None and a ``note``.
 
-    Reference slides without a score are evaluated without but listed in ``missing`` (and
-    ``complete`` is False); scores of slides not in the reference are listed in ``unexpected`` and not
-    used. Raises ``MetricsError`` for a non-finite score or two scores for one slide.
+    Reference slides without a score are listed in ``missing`` (and ``complete`` is False). With
+    ``missing="omit"`` they are left out of the AUC; with ``missing="wrong"`` every reference slide stays in
+    the denominator and an unscored one counts as a wrong answer: a tumour slide ranks below, a normal slide
+    above, every scored slide (the AUC of a submission that gave it the worst possible probability); the
+    AUC of the scored slides alone is then ``scored_only``. Scores of slides not in the reference are
+    listed in ``unexpected`` and not used. Raises ``MetricsError`` for a non-finite score, two scores for
+    one slide, or an unknown ``missing``.
     """
+    if missing not in MISSING_POLICIES:
+        raise MetricsError(f"missing must be one of {', '.join(MISSING_POLICIES)}, got {missing!r}")
     rows = list(reference_rows)
     scores: dict[str, float] = {}
     for sid, value in slide_scores.items():
@@ -318,23 +329,30 @@ def slide_auc_report(
             raise MetricsError(f"score of slide {sid!r} is {value}")
         scores[key] = value
     ref_keys = {row.key for row in rows}
-    missing = [row.slide_id for row in rows if row.key not in scores]
+    missing_ids = [row.slide_id for row in rows if row.key not in scores]
     unexpected = sorted(sid for sid in slide_scores if normalize_slide_id(sid) not in ref_keys)
-    present = [row for row in rows if row.key in scores]
-    labels = np.array([int(row.is_tumor) for row in present], dtype=np.int8)
-    values = np.array([scores[row.key] for row in present], dtype=np.float64)
+    scored = [row for row in rows if row.key in scores]
+    known = [scores[row.key] for row in scored]
+    worst_for = {True: min(known, default=0.0) - 1.0, False: max(known, default=0.0) + 1.0}
+    evaluated = rows if missing == "wrong" else scored
+    labels = np.array([int(row.is_tumor) for row in evaluated], dtype=np.int8)
+    values = np.array([scores.get(row.key, worst_for[row.is_tumor]) for row in evaluated], dtype=np.float64)
     report: dict = {
         "n_reference": len(rows),
-        "n_scored": len(present),
-        "complete": not missing,
-        "missing": missing,
+        "n_scored": len(scored),
+        "complete": not missing_ids,
+        "missing": missing_ids,
+        "missing_counted_as": {"omit": "left out", "wrong": "wrong"}[missing],
         "unexpected": unexpected,
         "bootstrap": {"n_boot": n_boot, "seed": seed, "alpha": alpha, "method": "stratified percentile"},
         "overall": _auc_block(labels, values, n_boot, seed, alpha),
     }
     for category in ("Macro", "Micro"):
-        keep = np.array([(not row.is_tumor) or row.metastasis == category for row in present], dtype=bool)
+        keep = np.array([(not row.is_tumor) or row.metastasis == category for row in evaluated], dtype=bool)
         report[category.lower()] = _auc_block(labels[keep], values[keep], n_boot, seed, alpha)
+    if missing == "wrong":
+        scored_labels = np.array([int(row.is_tumor) for row in scored], dtype=np.int8)
+        report["scored_only"] = _auc_block(scored_labels, np.asarray(known, dtype=np.float64), n_boot, seed, alpha)
     return report
 
 

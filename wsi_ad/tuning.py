@@ -449,7 +449,7 @@ def anomaly_tiles(tumor_stores: Sequence[str | os.PathLike], annotations_dir: st
     inside the tumour polygons of ``annotations_dir/<slide_id>.xml`` (ASAP XML; label 1 of
     :func:`wsi_ad.metrics.tile_labels` with ``min_tumor_overlap=1.0``), a seeded sample of at most
     ``max_tiles`` of them pooled over the stores (None: all)."""
-    from wsi_ad.annotations import read_asap_xml
+    from wsi_ad.annotations import annotation_file, read_asap_xml
     from wsi_ad.metrics import tile_labels
 
     stores = [Path(p) for p in tumor_stores]
@@ -462,9 +462,9 @@ def anomaly_tiles(tumor_stores: Sequence[str | os.PathLike], annotations_dir: st
     summary = []
     for s, store in enumerate(stores):
         slide_id = _slide_id(store)
-        xml = annotations_dir / f"{slide_id}.xml"
-        if not xml.is_file():
-            raise TuneError(f"{xml}: no annotation file for tumour slide {slide_id} ({store})")
+        xml = annotation_file(annotations_dir, slide_id)
+        if xml is None:
+            raise TuneError(f"{annotations_dir}: no annotation file {slide_id}.xml for tumour slide {slide_id} ({store})")
         tiles = _tiles_group(store)
         coords = np.asarray(tiles["coords"][:])
         geometry = dict(tiles.attrs.get("geometry") or {})
