@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipelines.evaluate import add_evaluate_arguments
-from pipelines.score import add_score_arguments, run_score
+from pipelines.score import add_export_arguments, add_score_arguments, export_formats, run_score
 from pipelines.train import add_train_arguments, run_detectors, run_train
 from pipelines.tune import add_tune_arguments, run_tune
 from wsi_ad import __version__
@@ -89,8 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="fit the normalization target on an image file, a whole slide's tissue, or a "
                               "level-0 region of a slide, or read it from a stain-fit JSON (default: the "
                               "shipped H&E reference)")
-    process.add_argument("--export-h5", action="store_true",
-                         help="also write CLAM-style <out>/h5/<slide_id>.h5 with the level-0 tile coordinates")
+    add_export_arguments(process)
     process.add_argument("--model", type=Path, help="checkpoint of `wsi-ad train`: also score every tile, make "
                                                      "heatmaps, slide scores and overlays")
     process.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
@@ -188,7 +187,9 @@ def _cmd_process(args: argparse.Namespace) -> int:
     for flag, path in (("--annotations", args.annotations), ("--labels", args.labels)):
         if path is not None and not path.exists():
             raise WsiAdError(f"{flag} {path}: not found")
-    batch = BatchConfig(preprocess=config, mpp=args.mpp, export_h5=args.export_h5, model=args.model,
+    exports = export_formats(args, scored=args.model is not None)
+    batch = BatchConfig(preprocess=config, mpp=args.mpp, exports=exports, geojson_threshold=args.geojson_threshold,
+                        model=args.model,
                         device=args.device, batch_size=args.batch_size,
                         backbone_weights=str(args.backbone_weights) if args.backbone_weights else None,
                         annotations_dir=args.annotations, labels=args.labels, fail_fast=args.fail_fast)

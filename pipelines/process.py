@@ -12,7 +12,8 @@ an existing cluster (``--scheduler``); the library (:mod:`wsi_ad`) knows nothing
   reason in ``OUT/failures.json`` and the report; a worker that dies on a slide (a reader crash) fails that
   slide only. ``fail_fast`` stops at the first failure instead.
 * **Outputs** in OUT: ``<slide_id>.zarr`` stores, ``qc/``, ``overlays/``, ``report.json``, ``report.html``,
-  ``failures.json``, ``wsi-ad.log``.
+  ``failures.json``, ``wsi-ad.log``; with ``exports``, ``h5/``, ``geojson/`` and ``ngff/`` beside the stores
+  (:func:`wsi_ad.export.export_store`).
 
 :func:`process_paths` runs only the preprocessing, in this process, one slide after the other: the
 library-level convenience the tests and small scripts use.
@@ -28,7 +29,15 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.tasks import aggregate_slide, cohort_scale_of, new_result, overlay_slide, preprocess_slide, score_slide
+from pipelines.tasks import (
+    aggregate_slide,
+    cohort_scale_of,
+    export_slide,
+    new_result,
+    overlay_slide,
+    preprocess_slide,
+    score_slide,
+)
 from wsi_ad.atomic import write_text_atomic
 from wsi_ad.errors import WsiAdError
 from wsi_ad.metrics import normalize_slide_id
@@ -51,7 +60,10 @@ class BatchConfig:
     Attributes:
         preprocess: tissue, stain and tiling settings.
         mpp: level-0 µm/px for slides without resolution metadata (overrides the files').
-        export_h5: also write CLAM-style ``OUT/h5/<slide_id>.h5``.
+        exports: formats to write beside each store (``geojson``, ``ngff``, ``h5``: see
+            :data:`wsi_ad.export.EXPORT_FORMATS`); ``geojson`` and ``ngff`` need ``model``.
+        geojson_threshold: score at or above which heatmap cells form the GeoJSON regions (None: the top of
+            the run's colour scale, the 99th percentile of all its tile scores).
         model: checkpoint to score tiles with (None: preprocessing only).
         device: ``auto`` / ``cuda`` / ``cpu`` for scoring.
         batch_size: tiles per scoring batch (None: 64 on the CPU, 256 on CUDA).
@@ -65,7 +77,8 @@ class BatchConfig:
 
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     mpp: float | None = None
-    export_h5: bool = False
+    exports: tuple[str, ...] = ()
+    geojson_threshold: float | None = None
     model: Path | None = None
     device: str = "auto"
     batch_size: int | None = None
@@ -97,8 +110,9 @@ def discover(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def process_paths(paths: Iterable[str | Path], out: str | Path, config: PreprocessConfig, *,
-                  mpp: float | None = None, export_h5: bool = False, echo=print) -> list[dict]:
-    """Preprocess every slide named by ``paths`` in this process, one after the other (no Dask, no scoring).
+                  mpp: float | None = None, exports: tuple[str, ...] = (), echo=print) -> list[dict]:
+    """Preprocess every slide named by ``paths`` in this process, one after the other (no Dask, no scoring);
+    ``exports`` may name ``h5`` only (the tile coordinates; the other formats need scores).
 
     Returns one result per slide (see :func:`pipelines.tasks.preprocess_slide`); bad slides fail alone.
     """
@@ -108,7 +122,7 @@ def process_paths(paths: Iterable[str | Path], out: str | Path, config: Preproce
     results = []
     echo(f"{'slide':<28} {'status':<7} {'tissue mm²':>10} {'tiles':>7} {'s':>7}  note")
     for path in slides:
-        result = preprocess_slide(path, out, config, mpp=mpp, export_h5=export_h5)
+        result = export_slide(preprocess_slide(path, out, config, mpp=mpp), tuple(exports), mpp=mpp)
         results.append(result)
         echo(_summary_line(result))
     failed = sum(r["status"] == "failed" for r in results)
@@ -196,12 +210,14 @@ def _run_graph(client, info, slides: list[Path], out: Path, batch: BatchConfig, 
     for path in slides:
         sid = slide_id_of(path)
         future = submit(preprocess_slide, str(path), out.resolve(), batch.preprocess, task="preprocess",
-                        sid=sid, mpp=batch.mpp, export_h5=batch.export_h5)
+                        sid=sid, mpp=batch.mpp)
         if model is not None:
             future = submit(score_slide, future, model, task="score", sid=sid, resources=info.score_resources,
                             device=batch.device, batch_size=batch.batch_size, backbone_weights=batch.backbone_weights)
             future = submit(aggregate_slide, future, task="aggregate", sid=sid, reducer=batch.reducer,
                             smoothing_um=batch.smoothing_um)
+        elif batch.exports:
+            future = submit(export_slide, future, batch.exports, task="export", sid=sid, mpp=batch.mpp)
         chains[sid] = future
 
     final = _watch(client, as_completed(submitted), task_of, chains, slides, batch, echo)
@@ -214,12 +230,17 @@ def _run_graph(client, info, slides: list[Path], out: Path, batch: BatchConfig, 
             _say(echo, f"no overlays: the cohort colour scale failed ({exc})")
         if scale is not None:
             _say(echo, f"cohort colour scale: {scale.vmin:.4g} – {scale.vmax:.4g} ({len(results)} slides)")
-        overlays = {}
+        last, first = {}, len(submitted)          # each slide's last task; the tasks of this second phase
+        threshold = batch.geojson_threshold if batch.geojson_threshold is not None else \
+            (scale.vmax if scale is not None else None)
         for result in results:
-            overlays[result["slide_id"]] = submit(overlay_slide, result, scale, out.resolve(), task="overlay",
-                                                  sid=result["slide_id"], annotations_dir=batch.annotations_dir,
-                                                  mpp=batch.mpp)
-        final = _watch(client, as_completed(list(overlays.values())), task_of, overlays, slides, batch, echo)
+            sid = result["slide_id"]
+            last[sid] = submit(overlay_slide, result, scale, out.resolve(), task="overlay", sid=sid,
+                               annotations_dir=batch.annotations_dir, mpp=batch.mpp)
+            if batch.exports:
+                last[sid] = submit(export_slide, last[sid], batch.exports, task="export", sid=sid,
+                                   threshold=threshold, mpp=batch.mpp)
+        final = _watch(client, as_completed(submitted[first:]), task_of, last, slides, batch, echo)
         results = [final[slide_id_of(path)] for path in slides]
     return results
 
@@ -279,6 +300,9 @@ def _progress_line(done: int, total: int, sid: str, task: str, result: dict) -> 
             facts.append("reused")
     elif task == "aggregate" and result.get("slide_score") is not None:
         facts.append(f"slide score {result['slide_score']:.4g} ({result.get('reducer')})")
+    elif task == "export" and result.get("exports"):
+        written = result.get("exports_written") or []
+        facts.append(", ".join(f"{fmt} {'written' if fmt in written else 'reused'}" for fmt in result["exports"]))
     if seconds is not None:
         facts.append(f"{seconds:.1f} s")
     return f"{head} {'; '.join(facts)}"

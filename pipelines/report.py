@@ -1,10 +1,10 @@
 """The run report of ``wsi-ad process``: ``OUT/report.json`` and ``OUT/report.html``.
 
-One row per slide: thumbnail (the tissue QC image), overlay, slide score, tissue area, tile count, the time
-of each stage (from the store's stage markers, so reused stages show the time they took when they ran), and
-the error of a failed slide. With labels (a Camelyon16 ``reference.csv``), the slide-level ROC curve
-(``OUT/roc.png``) and AUC with its bootstrap 95 % interval head the report. Images are linked by relative
-paths, so the folder can be moved or served as it is.
+One row per slide: thumbnail (the tissue QC image), overlay, slide score, tissue area, tile count, links to
+its exports (GeoJSON, OME-NGFF, h5), the time of each stage (from the store's stage markers, so reused
+stages show the time they took when they ran), and the error of a failed slide. With labels (a Camelyon16
+``reference.csv``), the slide-level ROC curve (``OUT/roc.png``) and AUC with its bootstrap 95 % interval
+head the report. Images are linked by relative paths, so the folder can be moved or served as it is.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def report_rows(results: list[dict], labels: dict[str, str] | None = None) -> li
             "stages_run": result.get("stages_run", []),
             "thumbnail": result.get("qc_png"),
             "overlay": result.get("overlay_png"),
+            "exports": result.get("exports") or {},
             "store": result.get("store"),
             "warnings": result.get("warnings", []),
             "failed_task": result.get("failed_task"),
@@ -180,7 +181,7 @@ def render_html(report: dict, out: Path) -> str:
         if roc:
             parts.append(f"<img src='{esc(roc)}' alt='ROC curve'>")
     parts.append("<h2>Slides</h2><table><tr><th>slide</th><th>thumbnail</th><th>overlay</th><th>slide score</th>"
-                 "<th>label</th><th>tissue mm²</th><th>tiles</th><th>stage seconds</th><th>notes</th></tr>")
+                 "<th>label</th><th>tissue mm²</th><th>tiles</th><th>stage seconds</th><th>exports</th><th>notes</th></tr>")
     for row in report["slides"]:
         failed = row["status"] == "failed"
         thumb, overlay = _rel(row.get("thumbnail"), out), _rel(row.get("overlay"), out)
@@ -189,6 +190,8 @@ def render_html(report: dict, out: Path) -> str:
                  else esc("; ".join(row.get("warnings") or [])))
         score = f"{row['slide_score']:.4g}" if row.get("slide_score") is not None else "–"
         area = f"{row['tissue_area_mm2']:.2f}" if row.get("tissue_area_mm2") is not None else ""
+        exports = " ".join(f"<a href={esc(rel)!r}>{esc(fmt)}</a>" for fmt, path in (row.get("exports") or {}).items()
+                           if (rel := _rel(path, out)))
         parts.append(
             f"<tr class='{'failed' if failed else ''}'><td>{esc(row['slide_id'])}</td>"
             f"<td>{f'<a href={esc(thumb)!r}><img class=t src={esc(thumb)!r}></a>' if thumb else ''}</td>"
@@ -196,6 +199,6 @@ def render_html(report: dict, out: Path) -> str:
             f"<td class=num>{score}</td><td>{esc(row.get('label') or '')}</td>"
             f"<td class=num>{area}</td>"
             f"<td class=num>{'' if row.get('n_tiles') is None else row['n_tiles']}</td>"
-            f"<td>{esc(timings)}</td><td>{notes}</td></tr>")
+            f"<td>{esc(timings)}</td><td>{exports}</td><td>{notes}</td></tr>")
     parts.append("</table></body></html>")
     return "\n".join(parts)

@@ -8,7 +8,8 @@ Argument parsing and reporting only; the work is :func:`wsi_ad.scoring.run_score
     score.set_defaults(handler=run_score)
 
 Each store runs alone: a store that cannot be scored is reported on one line with its reason and the
-others go on; the exit status is then 1. Scores already in a store for the same model and tiles are
+others go on; the exit status is then 1. ``--export geojson,ngff,h5`` writes the exports beside each store
+(:func:`wsi_ad.export.export_store`), as ``wsi-ad process`` does. Scores already in a store for the same model and tiles are
 reused; a run interrupted part-way continues from its last finished chunk.
 """
 
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_ad.errors import WsiAdError
-from wsi_ad.store import is_store_path, stores_in
+from wsi_ad.store import SlideStore, is_store_path, stores_in
 
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,8 +40,9 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone-weights", type=Path,
                         help="pretrained backbone weight file (default: the backbone's registered source)")
     parser.add_argument("--no-overlays", action="store_true",
-                        help="skip heatmaps, slide scores and overlays (default: written for every scored store, "
-                             "on one colour scale, as <stores folder>/overlays/<slide_id>.png)")
+                        help="skip overlays, and heatmaps and slide scores unless --export needs them (default: "
+                             "written for every scored store, on one colour scale, as "
+                             "<stores folder>/overlays/<slide_id>.png)")
     parser.add_argument("--annotations", type=Path, metavar="DIR",
                         help="folder of <slide_id>.xml ASAP annotations to outline on the overlays")
     parser.add_argument("--tiles", action="store_true",
@@ -48,6 +50,39 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--csv", type=Path, help="with --tiles: output CSV (path,score), required")
     parser.add_argument("--image-mpp", type=float,
                         help="with --tiles: µm/px of the images, to resize them to the model's magnification")
+    add_export_arguments(parser)
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--export``, ``--export-h5`` and ``--geojson-threshold``, the same on ``process`` and ``score``."""
+    parser.add_argument("--export", metavar="FORMATS", default="",
+                        help="comma-separated exports written beside each store, in its folder: geojson "
+                             "(geojson/<slide_id>.geojson, high-score regions as QuPath annotations in level-0 px), "
+                             "ngff (ngff/<slide_id>.ome.zarr, the heatmap as OME-NGFF in µm for napari), h5 "
+                             "(h5/<slide_id>.h5, CLAM-style tile coordinates and scores); geojson and ngff need "
+                             "scores; a re-run rewrites only what changed")
+    parser.add_argument("--export-h5", action="store_true", help="the same as --export h5")
+    parser.add_argument("--geojson-threshold", type=float, metavar="SCORE",
+                        help="heatmap cells at or above SCORE form the GeoJSON regions (default: the top of the "
+                             "run's colour scale, the 99th percentile of all its tile scores)")
+
+
+def export_formats(args: argparse.Namespace, *, scored: bool) -> tuple[str, ...]:
+    """The formats ``--export`` / ``--export-h5`` ask for; raises ``WsiAdError`` for an unknown format, for
+    heatmap formats without scores and for ``--geojson-threshold`` without ``--export geojson``."""
+    from wsi_ad.export import HEATMAP_FORMATS, parse_export_formats
+
+    formats = parse_export_formats(args.export)
+    if args.export_h5 and "h5" not in formats:
+        formats += ("h5",)
+    lacking = [f for f in formats if f in HEATMAP_FORMATS]
+    if lacking and not scored:
+        raise WsiAdError(f"--export {','.join(lacking)} is made from the heatmaps: add --model to score the tiles")
+    if args.geojson_threshold is not None and "geojson" not in formats:
+        raise WsiAdError("--geojson-threshold applies to --export geojson only")
+    if args.geojson_threshold is not None and not np.isfinite(args.geojson_threshold):
+        raise WsiAdError(f"--geojson-threshold must be a finite score, got {args.geojson_threshold}")
+    return formats
 
 
 def _positive(text: str) -> int:
@@ -96,6 +131,9 @@ def run_score(args: argparse.Namespace) -> int:
         raise WsiAdError("--tiles needs --csv OUT.csv (where the tile scores go)")
     if not args.tiles and (args.csv is not None or args.image_mpp is not None):
         raise WsiAdError("--csv and --image-mpp apply to --tiles only")
+    args.exports = export_formats(args, scored=True)
+    if args.tiles and args.exports:
+        raise WsiAdError("--export applies to slide stores, not to --tiles")
     device = None if args.device == "auto" else args.device
     if device == "cuda":
         from wsi_ad.device import select_device
@@ -128,7 +166,6 @@ def _score_tiles(args: argparse.Namespace, scorer) -> int:
 
 def _score_stores(args: argparse.Namespace, scorer) -> int:
     from wsi_ad.scoring import run_score_stage, score_stage_name
-    from wsi_ad.store import SlideStore
 
     stores, bad = find_stores(args.paths)
     failed = len(bad)
@@ -163,30 +200,42 @@ def _score_stores(args: argparse.Namespace, scorer) -> int:
               f"{rate or 0:.0f} tiles/s  {how}  {_percentiles(scores)}")
         scored.append({"slide": store.root.attrs["source"]["path"], "slide_id": store.root.attrs["slide_id"],
                        "store": str(path), "model_id": scorer.model_id, "status": "ok", "timings": {}})
-    if scored and not args.no_overlays:
-        failed += _overlays(scored, args.annotations)
+    if scored and (args.exports or not args.no_overlays):
+        failed += _heatmaps_overlays_exports(scored, args)
     return 1 if failed else 0
 
 
-def _overlays(scored: list[dict], annotations: Path | None) -> int:
-    """Heatmap and slide score of every scored store, then overlays on one colour scale for all of them, in
-    ``<store folder>/overlays``; returns the number of stores that failed here (each printed)."""
-    from pipelines.tasks import aggregate_slide, cohort_scale_of, overlay_slide
+def _heatmaps_overlays_exports(scored: list[dict], args: argparse.Namespace) -> int:
+    """Heatmap and slide score of every scored store, then (unless ``--no-overlays``) overlays on one colour
+    scale for all of them, in ``<store folder>/overlays``, and the ``--export`` formats beside each store;
+    returns the number of stores that failed here (each printed)."""
+    from pipelines.tasks import aggregate_slide, cohort_scale_of, export_slide, overlay_slide
 
     results = [aggregate_slide(r) for r in scored]
     scale = cohort_scale_of(results)
     if scale is not None:
         print(f"cohort colour scale {scale.vmin:.4g} – {scale.vmax:.4g} over {len(results)} slides")
+    threshold = args.geojson_threshold if args.geojson_threshold is not None else \
+        (scale.vmax if scale is not None else None)
     failed = 0
     for result in results:
-        if result["status"] == "ok":
-            result = overlay_slide(result, scale, Path(result["store"]).parent, annotations_dir=annotations)
+        if not args.no_overlays:
+            result = overlay_slide(result, scale, Path(result["store"]).parent, annotations_dir=args.annotations)
+        if args.exports and result["status"] == "ok":
+            attrs = SlideStore.open(result["store"]).root.attrs
+            mpp = attrs.get("mpp_x") if attrs.get("mpp_source") == "override" else None
+            result = export_slide(result, args.exports, threshold=threshold, mpp=mpp)
         if result["status"] == "failed":
             failed += 1
             print(f"{result['slide_id']}: failed at {result['failed_task']}: {result['error']}")
-        else:
-            print(f"{result['slide_id']}  slide score {result['slide_score']:.4g} ({result['reducer']})  "
-                  f"overlay {result.get('overlay_png')}")
+            continue
+        facts = [f"slide score {result['slide_score']:.4g} ({result['reducer']})"]
+        if result.get("overlay_png"):
+            facts.append(f"overlay {result['overlay_png']}")
+        written = result.get("exports_written") or []
+        facts += [f"{fmt} {path}{'' if fmt in written else ' (reused)'}" for fmt, path in result.get("exports", {}).items()]
+        facts += [f"warning: {w}" for w in result.get("warnings", [])]
+        print(f"{result['slide_id']}  " + "  ".join(facts))
     return failed
 
 

@@ -12,7 +12,8 @@ Words: a *task* is a node of the Dask graph (this module); a *stage* is a group 
 
 Order: :func:`preprocess_slide` (open, tissue mask, stain fit, tiles + normalization) →
 :func:`score_slide` (every tile, on the GPU when the worker has one) → :func:`aggregate_slide` (heatmap grid
-and slide score) → :func:`overlay_slide` (heatmap over the thumbnail, on the cohort's colour scale).
+and slide score) → :func:`overlay_slide` (heatmap over the thumbnail, on the cohort's colour scale) →
+:func:`export_slide` (the ``--export`` formats, beside the store).
 """
 
 from __future__ import annotations
@@ -73,17 +74,13 @@ def new_result(path: str | Path) -> dict:
 
 
 @_task("preprocess")
-def _preprocess(result: dict, out: Path, config: PreprocessConfig, mpp: float | None, export_h5: bool) -> None:
-    from wsi_ad.export import export_clam_h5
-
+def _preprocess(result: dict, out: Path, config: PreprocessConfig, mpp: float | None) -> None:
     with open_slide(result["slide"], mpp=mpp) as slide:
         store = SlideStore.for_slide(out, slide)
         qc_path = out / "qc" / f"{slide.slide_id}.tissue.png"
         mask, tissue_ran = run_tissue_stage(slide, store, config, qc_path=qc_path)
         stain, stain_ran = run_stain_stage(slide, store, mask, config)
         n_tiles, tiles_ran = run_tiles_stage(slide, store, mask, config, stain=stain)
-        if export_h5:
-            result["h5"] = str(export_clam_h5(store, slide, out / "h5" / f"{slide.slide_id}.h5"))
         result.update({
             "store": str(store.path),
             "qc_png": str(qc_path),
@@ -102,7 +99,7 @@ def _preprocess(result: dict, out: Path, config: PreprocessConfig, mpp: float | 
 
 
 def preprocess_slide(path: str | Path, out: str | Path, config: PreprocessConfig, *,
-                     mpp: float | None = None, export_h5: bool = False) -> dict:
+                     mpp: float | None = None) -> dict:
     """Open, tissue-mask, stain-fit and tile one slide into ``<out>/<slide_id>.zarr``; never raises for bad input.
 
     Returns a JSON-ready result: ``status`` ``"ok"`` or ``"failed"`` (with ``failed_task`` and ``error``),
@@ -110,7 +107,7 @@ def preprocess_slide(path: str | Path, out: str | Path, config: PreprocessConfig
     stage was reused), warnings, ``timings`` and ``seconds``.
     """
     started = time.perf_counter()
-    result = _preprocess(new_result(path), Path(out), config, mpp, export_h5)
+    result = _preprocess(new_result(path), Path(out), config, mpp)
     result["seconds"] = round(time.perf_counter() - started, 3)
     return result
 
@@ -235,3 +232,34 @@ def overlay_slide(result: dict, scale, out: Path, *, annotations_dir: Path | Non
         write_overlay(png, slide, load_heatmap(store, result["model_id"]), scale,
                       tissue_mask=load_tissue_mask(store), annotations=annotations)
     write_text_atomic(sidecar, json.dumps(stamp))
+
+
+@_task("export")
+def export_slide(result: dict, formats: tuple[str, ...], *, threshold: float | None = None,
+                 mpp: float | None = None) -> None:
+    """Write the ``formats`` exports (``geojson``, ``ngff``, ``h5``) of the slide beside its store, in the
+    store's folder (:func:`wsi_ad.export.export_store`: atomic, and kept when the file on disk was made from
+    the same stages, model and GeoJSON ``threshold``). ``result["exports"]`` maps each format to its path,
+    ``result["exports_written"]`` lists those written by this run. A slide without scored tiles gets the
+    coordinates export only, and a warning for the heatmap formats it cannot have."""
+    from contextlib import nullcontext
+
+    from wsi_ad.export import HEATMAP_FORMATS, export_store
+
+    if not formats or not result.get("store"):
+        return
+    wanted = list(formats)
+    if not result.get("model_id"):
+        lacking = [f for f in wanted if f in HEATMAP_FORMATS]
+        if lacking:
+            result["warnings"] = [*result.get("warnings", []),
+                                  f"no {'/'.join(lacking)} export: the slide has no scored tiles"]
+        wanted = [f for f in wanted if f not in HEATMAP_FORMATS]
+    if not wanted:
+        return
+    store = SlideStore.open(result["store"])
+    with (open_slide(result["slide"], mpp=mpp) if "h5" in wanted else nullcontext()) as slide:
+        done = export_store(store, wanted, Path(result["store"]).parent, model_id=result.get("model_id"),
+                            threshold=threshold, slide=slide)
+    result["exports"] = {fmt: info["path"] for fmt, info in done.items()}
+    result["exports_written"] = [fmt for fmt, info in done.items() if info["written"]]

@@ -168,9 +168,10 @@ def test_process_command_isolates_bad_slides(shared_slides, tumor_slide, tmp_pat
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     # progress lines: "[k/n slides] <slide_id> <stage> ..."
-    lines = {line.split()[2]: line for line in result.stdout.splitlines() if "slides]" in line}
-    assert "tiles" in lines["tumor_901"] and "FAILED" in lines["broken"] and "FAILED" in lines["unreadable"]
-    assert "fluorescence" in lines["fluorescence-tritc"]         # no H&E tissue: a warning, not a crash
+    lines = {tuple(line.split()[2:4]): line for line in result.stdout.splitlines() if "slides]" in line}
+    assert "tiles" in lines["tumor_901", "preprocess"] and "h5 written" in lines["tumor_901", "export"]
+    assert "FAILED" in lines["broken", "preprocess"] and "FAILED" in lines["unreadable", "preprocess"]
+    assert "fluorescence" in lines["fluorescence-tritc", "preprocess"]   # no H&E tissue: a warning, not a crash
     assert (tmp_path / "tumor_901.zarr").is_dir() and (tmp_path / "h5" / "tumor_901.h5").exists()
     assert (tmp_path / "qc" / "tumor_901.tissue.png").exists()
     assert "2 of 4 slides done, 2 failed" in result.stdout

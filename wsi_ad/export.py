@@ -4,7 +4,10 @@
 * :func:`export_heatmap_ngff`: a heatmap as an OME-Zarr image (NGFF 0.4 on zarr v2, or 0.5 on zarr v3)
   with a physical scale in micrometres, so napari (napari-ome-zarr) overlays it on the slide;
 * :func:`export_geojson`: connected high-score regions as a GeoJSON ``FeatureCollection`` of polygons in
-  level-0 pixels, which QuPath imports as annotations (File > Import objects, or drag and drop).
+  level-0 pixels, which QuPath imports as annotations (File > Import objects, or drag and drop);
+* :func:`export_store`: the formats a user asks for (``--export geojson,ngff,h5``), each written beside the
+  store (:func:`export_path`) and skipped when the file on disk was made from the same stages, model and
+  threshold (a stamp inside each file, :func:`read_export_stamp`), so a re-run redoes only what changed.
 """
 
 from __future__ import annotations
@@ -30,13 +33,21 @@ NGFF_VERSIONS = ("0.4", "0.5")
 #: Classification name and RGB colour of exported high-score regions.
 GEOJSON_CLASS = "Tumor"
 GEOJSON_COLOR = (200, 0, 0)
+#: ``--export`` formats: folder (beside the store) and file suffix of each.
+EXPORT_FORMATS: dict[str, tuple[str, str]] = {"geojson": ("geojson", ".geojson"), "ngff": ("ngff", ".ome.zarr"),
+                                              "h5": ("h5", ".h5")}
+#: Formats made from a model's heatmap (``h5`` holds the tile coordinates, and the scores when there are some).
+HEATMAP_FORMATS = frozenset({"geojson", "ngff"})
+#: Where each export keeps its stamp: h5 root attribute, NGFF ``wsi_ad`` attribute key, GeoJSON foreign member.
+STAMP_KEY = "wsi_ad_export"
 
 
 class ExportError(WsiAdError):
     """An export cannot be made: bad arguments or a store lacking what the export needs."""
 
 
-def export_clam_h5(store: SlideStore, slide: Slide, path: str | os.PathLike, model_id: str | None = None) -> Path:
+def export_clam_h5(store: SlideStore, slide: Slide, path: str | os.PathLike, model_id: str | None = None, *,
+                   stamp: dict | None = None) -> Path:
     """Write the tile coordinates as a CLAM-style ``.h5`` file, atomically.
 
     Dataset ``coords``: (N, 2) int64 level-0 top-left (x, y), as CLAM's ``create_patches_fp.py`` writes.
@@ -45,7 +56,8 @@ def export_clam_h5(store: SlideStore, slide: Slide, path: str | os.PathLike, mod
     ``level_dim``, ``name``; plus ``patch_size_level0`` and ``mpp`` (µm/px of that magnification).
 
     With ``model_id``, dataset ``scores`` ((N,) float32, the same order as ``coords``) holds the tile
-    anomaly scores of the store's ``scores/<model_id>`` stage (attribute ``model_id``).
+    anomaly scores of the store's ``scores/<model_id>`` stage (attribute ``model_id``). ``stamp`` (JSON) goes
+    to the root attribute ``wsi_ad_export`` (:func:`export_store`).
     """
     tiles = store.require("tiles")
     geometry = tiles.attrs["geometry"]
@@ -64,6 +76,8 @@ def export_clam_h5(store: SlideStore, slide: Slide, path: str | os.PathLike, mod
     path = Path(path)
     with atomic_path(path) as temp:
         with h5py.File(temp, "w") as h5:
+            if stamp is not None:
+                h5.attrs[STAMP_KEY] = json.dumps(stamp)
             coords = h5.create_dataset("coords", data=coords_array)
             coords.attrs["patch_level"] = level
             coords.attrs["patch_size"] = int(round(tile0_x / downsample[0]))
@@ -103,7 +117,7 @@ def ngff_transformations(heatmap) -> list[dict[str, Any]]:
 
 
 def export_heatmap_ngff(source, path: str | os.PathLike, *, model_id: str | None = None,
-                        ngff_version: str = "0.4", name: str | None = None) -> Path:
+                        ngff_version: str = "0.4", name: str | None = None, stamp: dict | None = None) -> Path:
     """Write a heatmap as a single-scale OME-Zarr image, atomically.
 
     Args:
@@ -113,6 +127,7 @@ def export_heatmap_ngff(source, path: str | os.PathLike, *, model_id: str | None
         ngff_version: ``"0.4"`` (zarr v2, ``.zattrs``; what every napari-ome-zarr version reads, the default)
             or ``"0.5"`` (zarr v3, attributes under ``"ome"``, ``dimension_names`` y, x).
         name: the image name (default: ``heatmap <model_id>``).
+        stamp: JSON facts stored under ``wsi_ad.wsi_ad_export`` (:func:`export_store`).
 
     Layout: array ``0``, (rows, cols) float32, NaN off tissue; ``multiscales`` with axes ``y``, ``x``
     (type space, unit micrometer) and :func:`ngff_transformations` (µm per cell, cell-centre offset), so that
@@ -132,16 +147,17 @@ def export_heatmap_ngff(source, path: str | os.PathLike, *, model_id: str | None
         "metadata": {"description": "wsi-ad anomaly heatmap, one value per tile-grid cell; NaN: no tile"},
     }
     chunks = tuple(max(1, min(1024, n)) for n in values.shape)
+    ours = heatmap.attributes() | ({STAMP_KEY: stamp} if stamp is not None else {})
     path = Path(path)
     with atomic_path(path) as temp:
         if ngff_version == "0.4":
             root = zarr.open_group(temp, mode="w", zarr_format=2)
             root.create_array("0", data=values, chunks=chunks, fill_value=np.nan)
-            root.attrs.update({"multiscales": [{"version": "0.4", **multiscale}], "wsi_ad": heatmap.attributes()})
+            root.attrs.update({"multiscales": [{"version": "0.4", **multiscale}], "wsi_ad": ours})
         else:
             root = zarr.open_group(temp, mode="w", zarr_format=3)
             root.create_array("0", data=values, chunks=chunks, fill_value=np.nan, dimension_names=("y", "x"))
-            root.attrs.update({"ome": {"version": "0.5", "multiscales": [multiscale]}, "wsi_ad": heatmap.attributes()})
+            root.attrs.update({"ome": {"version": "0.5", "multiscales": [multiscale]}, "wsi_ad": ours})
     return path
 
 
@@ -181,13 +197,14 @@ def heatmap_regions(heatmap, threshold: float) -> list[dict[str, Any]]:
 
 
 def export_geojson(heatmap, path: str | os.PathLike, threshold: float, *, classification: str = GEOJSON_CLASS,
-                   color: tuple[int, int, int] = GEOJSON_COLOR) -> dict[str, Any]:
+                   color: tuple[int, int, int] = GEOJSON_COLOR, stamp: dict | None = None) -> dict[str, Any]:
     """Write the connected regions of cells >= ``threshold`` as a GeoJSON FeatureCollection, atomically.
 
     Coordinates are level-0 pixels (x right, y down), as QuPath expects for image objects. Each feature is
     a Polygon (MultiPolygon if a region's union needs it) with properties ``objectType: "annotation"``,
     ``classification: {name, color}`` (RGB list), ``name``, ``max_score``, ``mean_score``, ``area_um2``,
-    ``n_cells`` and the same numbers as QuPath ``measurements``. See :func:`heatmap_regions`. Returns the
+    ``n_cells`` and the same numbers as QuPath ``measurements``. See :func:`heatmap_regions`. ``stamp`` goes to
+    the foreign member ``wsi_ad_export`` of the collection (RFC 7946 §6.1; readers ignore it). Returns the
     FeatureCollection (as written).
     """
     import shapely
@@ -209,6 +226,105 @@ def export_geojson(heatmap, path: str | os.PathLike, threshold: float, *, classi
                 "measurements": numbers,
             },
         })
-    collection = {"type": "FeatureCollection", "features": features}
+    collection: dict[str, Any] = {"type": "FeatureCollection", "features": features}
+    if stamp is not None:
+        collection[STAMP_KEY] = stamp
     write_text_atomic(path, json.dumps(collection))
     return collection
+
+
+# -- the exports a run asks for ----------------------------------------------------------------------------------
+
+def parse_export_formats(text: str | None) -> tuple[str, ...]:
+    """``"geojson,ngff,h5"`` -> ``("geojson", "ngff", "h5")`` (order kept, repeats dropped, case and spaces
+    ignored). Raises ``ExportError`` naming an unknown format and the known ones."""
+    formats: list[str] = []
+    for part in (text or "").split(","):
+        name = part.strip().lower()
+        if not name:
+            continue
+        if name not in EXPORT_FORMATS:
+            raise ExportError(f"unknown export format {part.strip()!r}; choose from {', '.join(EXPORT_FORMATS)}")
+        if name not in formats:
+            formats.append(name)
+    return tuple(formats)
+
+
+def export_path(folder: str | os.PathLike, slide_id: str, fmt: str) -> Path:
+    """Where format ``fmt`` of slide ``slide_id`` goes in ``folder`` (the folder of its store):
+    ``h5/<slide_id>.h5``, ``geojson/<slide_id>.geojson``, ``ngff/<slide_id>.ome.zarr``."""
+    sub, suffix = EXPORT_FORMATS[fmt]
+    return Path(folder) / sub / f"{slide_id}{suffix}"
+
+
+def export_stamp(store: SlideStore, fmt: str, *, model_id: str | None = None, threshold: float | None = None) -> dict:
+    """What an export of ``fmt`` is made from: the store's slide id, the completion (settings hash and time) of
+    each stage it reads, the model and, for GeoJSON, the threshold. Equal stamps mean an identical export."""
+    stages = store.stages
+    names = ["tiles"]
+    if model_id is not None:
+        names.append(f"scores/{model_id}")
+        if fmt in HEATMAP_FORMATS:
+            names.append(f"heatmap/{model_id}")
+    stamp: dict[str, Any] = {"format": fmt, "slide_id": store.root.attrs.get("slide_id"), "model_id": model_id,
+                             "stages": {n: [stages.get(n, {}).get("config_hash"), stages.get(n, {}).get("completed_at")]
+                                        for n in names}}
+    if fmt == "geojson":
+        stamp["threshold"] = float(threshold) if threshold is not None else None
+    return stamp
+
+
+def read_export_stamp(path: str | os.PathLike, fmt: str) -> dict | None:
+    """The stamp stored in an export file written by :func:`export_store`, or None (no file, another tool's
+    file, or unreadable: then it is simply written again)."""
+    path = Path(path)
+    try:
+        if fmt == "h5":
+            with h5py.File(path, "r") as h5:
+                value = h5.attrs.get(STAMP_KEY)
+            return json.loads(value) if value is not None else None
+        if fmt == "ngff":
+            return dict(zarr.open_group(path, mode="r").attrs.get("wsi_ad", {})).get(STAMP_KEY)
+        return json.loads(path.read_text(encoding="utf-8")).get(STAMP_KEY)
+    except (OSError, ValueError, KeyError, AttributeError, zarr.errors.BaseZarrError):
+        return None
+
+
+def export_store(store: SlideStore, formats: tuple[str, ...] | list[str], folder: str | os.PathLike, *,
+                 model_id: str | None = None, threshold: float | None = None, slide: Slide | None = None,
+                 ngff_version: str = "0.4") -> dict[str, dict[str, Any]]:
+    """Write each of ``formats`` for one slide store into ``folder`` (:func:`export_path`), atomically.
+
+    ``geojson`` and ``ngff`` export the ``heatmap/<model_id>`` stage (GeoJSON: the regions >= ``threshold``,
+    in the model's score units); ``h5`` the tile coordinates, with the ``scores/<model_id>`` stage when
+    ``model_id`` is given, and needs the open ``slide`` (CLAM records pyramid levels). An export whose file
+    already holds the same :func:`export_stamp` is kept as it is. Returns ``{format: {"path": str,
+    "written": bool}}``. Raises ``ExportError`` for a format that lacks what it needs (no model, no
+    threshold, no slide) and ``StoreError`` for a store without the stage it reads.
+    """
+    from wsi_ad.heatmap import load_heatmap
+
+    done: dict[str, dict[str, Any]] = {}
+    slide_id = store.root.attrs.get("slide_id") or Path(store.path).stem
+    for fmt in formats:
+        if fmt not in EXPORT_FORMATS:
+            raise ExportError(f"unknown export format {fmt!r}; choose from {', '.join(EXPORT_FORMATS)}")
+        if fmt in HEATMAP_FORMATS and model_id is None:
+            raise ExportError(f"the {fmt} export is made from a model's heatmap: score the slide first (--model)")
+        if fmt == "geojson" and (threshold is None or not math.isfinite(float(threshold))):
+            raise ExportError(f"the geojson export needs a finite score threshold, got {threshold!r}")
+        if fmt == "h5" and slide is None:
+            raise ExportError("the h5 export needs the open slide (CLAM records its pyramid levels)")
+        path = export_path(folder, slide_id, fmt)
+        stamp = export_stamp(store, fmt, model_id=model_id, threshold=threshold)
+        written = read_export_stamp(path, fmt) != stamp
+        if written:
+            if fmt == "h5":
+                export_clam_h5(store, slide, path, model_id, stamp=stamp)
+            elif fmt == "ngff":
+                export_heatmap_ngff(load_heatmap(store, model_id), path, ngff_version=ngff_version,
+                                    name=f"{slide_id} heatmap {model_id}", stamp=stamp)
+            else:
+                export_geojson(load_heatmap(store, model_id), path, float(threshold), stamp=stamp)
+        done[fmt] = {"path": str(path), "written": written}
+    return done
