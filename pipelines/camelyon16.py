@@ -38,6 +38,8 @@ from pipelines.process import BatchConfig, discover, run_batch
 from wsi_ad.atomic import write_text_atomic
 from wsi_ad.config import Config
 from wsi_ad.errors import WsiAdError
+from wsi_ad.metrics import read_reference_csv
+from wsi_ad.slide import find_slides
 
 #: Published numbers printed beside ours (source in ``source``).
 REFERENCE_RESULTS = (
@@ -105,6 +107,7 @@ def run_camelyon16(data: str | Path, run: str | Path, *, model: str | Path | Non
     started = time.perf_counter()
     layout, run = Camelyon16Layout(Path(data)), Path(run)
     layout.check(training=model is None, tumor_training=model is None and tune)
+    read_reference_csv(layout.reference)        # a bad row is an error now, not after hours of scoring
     run.mkdir(parents=True, exist_ok=True)
     cluster = {"workers": workers, "scheduler": scheduler}
     timings: dict[str, float] = {}
@@ -139,15 +142,20 @@ def run_camelyon16(data: str | Path, run: str | Path, *, model: str | Path | Non
     echo("Scoring the test slides ...")
     batch = BatchConfig(model=Path(model), device=device, annotations_dir=layout.testing_annotations,
                         labels=layout.reference)
-    tested = run_batch([layout.testing_images], run / "testing", batch, echo=indent, **cluster)
+    if find_slides([layout.testing_images]):
+        tested = run_batch([layout.testing_images], run / "testing", batch, echo=indent, **cluster)
+        tested_results, report = tested.results, tested.report_html
+    else:                                       # nothing to score: every reference slide is "not found"
+        echo(f"    no slide files in {layout.testing_images}")
+        tested_results, report = [], None
     timings["process_testing"] = time.perf_counter() - step
 
     step = time.perf_counter()
-    metrics = evaluate_run(tested.results, layout)
+    metrics = evaluate_run(tested_results, layout)
     timings["metrics"] = time.perf_counter() - step
     results = {
         "data": str(layout.root), "run": str(run), "model": str(model),
-        "model_id": next((r["model_id"] for r in tested.results if r.get("model_id")), None),
+        "model_id": next((r["model_id"] for r in tested_results if r.get("model_id")), None),
         "hyperparameter_selection": selection,
         "slide": metrics["slide"],
         "tile": metrics["tile"],
@@ -155,7 +163,7 @@ def run_camelyon16(data: str | Path, run: str | Path, *, model: str | Path | Non
         "slides": metrics["slides"],
         "slide_statuses": SLIDE_STATUSES,
         "reference_results": list(REFERENCE_RESULTS),
-        "report": str(tested.report_html),
+        "report": str(report) if report else None,
         "seconds": {key: round(value, 1) for key, value in timings.items()},
         "total_seconds": round(time.perf_counter() - started, 1),
     }
@@ -164,7 +172,7 @@ def run_camelyon16(data: str | Path, run: str | Path, *, model: str | Path | Non
     write_text_atomic(run / "results.md", table + "\n")
     echo("")
     echo(table)
-    echo(f"\nResults: {run / 'results.json'}, {run / 'results.md'}; report: {tested.report_html}")
+    echo(f"\nResults: {run / 'results.json'}, {run / 'results.md'}" + (f"; report: {report}" if report else ""))
     return results
 
 
@@ -240,11 +248,13 @@ def evaluate_run(results: list[dict], layout: Camelyon16Layout) -> dict:
         scored = _read_scored_slide(result, entry)
         if scored is not None:
             slide_scores[row.slide_id] = entry["slide_score"]
-            detections[row.slide_id] = scored["detections"]
+        if normalize_slide_id(row.slide_id) in DEFAULT_FROC_EXCLUDE:
+            _note(entry, "left out of the FROC, as in the official evaluation")
         if not row.is_tumor:
             masks[row.slide_id] = None
             if scored is not None:
                 normal_tiles[row.slide_id] = scored["scores"]
+                detections[row.slide_id] = scored["detections"]
             continue
         mask, annotations = _lesion_mask(layout, row.slide_id, result, entry)
         if mask is None:
@@ -252,7 +262,11 @@ def evaluate_run(results: list[dict], layout: Camelyon16Layout) -> dict:
             continue
         masks[row.slide_id] = mask
         entry["n_lesions"], entry["n_itc"] = mask.n_lesions, len(mask.itc_labels)
+        if mask.n_regions == 0:
+            _note(entry, "its annotations hold no tumour region on the slide: no lesion to find, and every "
+                         "detection on it is a false positive")
         if scored is not None:
+            detections[row.slide_id] = scored["detections"]
             from wsi_ad.metrics import tile_labels
 
             labels = tile_labels(scored["coords"], scored["tile0"], annotations)
@@ -261,6 +275,8 @@ def evaluate_run(results: list[dict], layout: Camelyon16Layout) -> dict:
 
     slide = slide_auc_report(reference, slide_scores, missing="wrong")
     slide["auc"] = slide["overall"]["auc"]
+    keys = {row.key for row in reference}
+    slide["unexpected"] = sorted(r["slide_id"] for r in results if normalize_slide_id(r["slide_id"]) not in keys)
     without = [e["slide_id"] for e in entries if e["status"] != "scored"]
     try:
         tile = tile_auc(tumor_tiles, normal_tiles)
@@ -274,6 +290,10 @@ def evaluate_run(results: list[dict], layout: Camelyon16Layout) -> dict:
     try:
         froc_result = froc(detections, masks).as_dict()
     except MetricsError as exc:             # e.g. no lesion larger than an ITC among the reference slides
+        n_itc = sum(e["n_itc"] or 0 for e in entries)
+        if n_itc:
+            exc = f"{exc} ({n_itc} isolated-tumour-cell cluster(s), which the official evaluation neither counts " \
+                  "nor penalizes)"
         froc_result = {"score": None, "note": f"undefined: {exc}", "n_lesions": 0,
                        "n_slides": sum(normalize_slide_id(s) not in DEFAULT_FROC_EXCLUDE for s in masks),
                        "missing": [s for s in without if s in masks]}
@@ -281,6 +301,10 @@ def evaluate_run(results: list[dict], layout: Camelyon16Layout) -> dict:
         froc_result["not_evaluable"] = no_mask
         froc_result["not_evaluable_note"] = "tumour slides whose lesions are unknown (no readable annotation file)"
     return {"slide": slide, "tile": tile, "froc": froc_result, "slides": entries}
+
+
+def _note(entry: dict, text: str) -> None:
+    entry["note"] = f"{entry['note']}; {text}" if entry["note"] else text
 
 
 def _read_scored_slide(result: dict | None, entry: dict) -> dict | None:
@@ -325,18 +349,15 @@ def _lesion_mask(layout: Camelyon16Layout, slide_id: str, result: dict | None, e
     from wsi_ad.annotations import AnnotationError, annotation_file, read_asap_xml
     from wsi_ad.metrics import CAMELYON16_MPP, DILATION_UM, MetricsError, evaluation_mask
 
-    def note(text: str) -> None:
-        entry["note"] = f"{entry['note']}; {text}" if entry["note"] else text
-
     try:
         xml = annotation_file(layout.testing_annotations, slide_id)
         if xml is None:
-            note(f"tumour slide without {slide_id}.xml in {layout.testing_annotations}: its lesions are unknown, "
-                 "it is left out of the FROC")
+            _note(entry, f"tumour slide without {slide_id}.xml in {layout.testing_annotations}: its lesions are unknown, "
+                 "it is left out of the FROC and the tile AUC")
             return None, None
         annotations = read_asap_xml(xml)
     except AnnotationError as exc:
-        note(f"its lesions are unknown ({exc}), it is left out of the FROC")
+        _note(entry, f"its lesions are unknown ({exc}), it is left out of the FROC and the tile AUC")
         return None, None
     size = (result or {}).get("width"), (result or {}).get("height")
     mpp = (result or {}).get("mpp") or CAMELYON16_MPP
@@ -344,11 +365,11 @@ def _lesion_mask(layout: Camelyon16Layout, slide_id: str, result: dict | None, e
         margin = 4 * DILATION_UM / mpp
         points = np.concatenate([a.vertices for a in annotations]) if annotations else np.zeros((1, 2))
         size = tuple(int(np.ceil(points[:, i].max() + margin)) + 1 for i in (0, 1))
-        note(f"lesions counted on the annotations alone (slide size unknown; {mpp} µm/px)")
+        _note(entry, f"lesions counted on the annotations alone (slide size unknown; {mpp} µm/px)")
     try:
         return evaluation_mask(annotations, size, mpp0=mpp), annotations
     except MetricsError as exc:
-        note(f"its lesions are unknown ({exc}), it is left out of the FROC")
+        _note(entry, f"its lesions are unknown ({exc}), it is left out of the FROC and the tile AUC")
         return None, None
 
 
@@ -370,7 +391,7 @@ def results_table(results: dict) -> str:
                      + (f", {unscored} unscored counted wrong" if unscored and slide_block.get("missing_counted_as") == "wrong"
                         else ""),
         "tile_auc": f"{results['tile'].get('n_tumor_tiles', 0)} tumour / {results['tile'].get('n_normal_tiles', 0)} normal tiles",
-        "froc": f"{results['froc'].get('n_lesions', 0)} lesions on {results['froc'].get('n_slides', 0)} slides",
+        "froc": f"{results['froc'].get('n_lesions', 0)} lesion(s) on {results['froc'].get('n_slides', 0)} slides",
     }
     names = {"slide_auc": "slide-level ROC AUC", "tile_auc": "tile-level ROC AUC", "froc": "FROC score"}
     lines = ["| metric | ours | on | published | by |", "|---|---|---|---|---|"]
@@ -397,6 +418,9 @@ def results_table(results: dict) -> str:
              for metric in ("slide_auc", "tile_auc", "froc") if ours[metric] is None]
     if notes:
         lines += ["", *notes]
+    unexpected = slide_block.get("unexpected") or []
+    if unexpected:
+        lines += ["", f"Slides in testing/images but not in reference.csv (not evaluated): {', '.join(unexpected)}"]
     partial = [e for e in results.get("slides", []) if e["status"] != "scored" or e.get("note")]
     if partial:
         lines += ["", f"Reference slides not in every metric ({len(partial)} of {len(results['slides'])}):", "",

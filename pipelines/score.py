@@ -199,7 +199,8 @@ def _score_stores(args: argparse.Namespace, scorer) -> int:
         print(f"{store.root.attrs.get('slide_id', path.stem)}  {len(scores)} tiles  {seconds:.1f} s  "
               f"{rate or 0:.0f} tiles/s  {how}  {_percentiles(scores)}")
         scored.append({"slide": store.root.attrs["source"]["path"], "slide_id": store.root.attrs["slide_id"],
-                       "store": str(path), "model_id": scorer.model_id, "status": "ok", "timings": {}})
+                       "store": str(path), "model_id": scorer.model_id if len(scores) else None,  # no tiles: no heatmap
+                       "n_tiles": len(scores), "status": "ok", "timings": {}, "warnings": []})
     if scored and (args.exports or not args.no_overlays):
         failed += _heatmaps_overlays_exports(scored, args)
     return 1 if failed else 0
@@ -229,7 +230,8 @@ def _heatmaps_overlays_exports(scored: list[dict], args: argparse.Namespace) -> 
             failed += 1
             print(f"{result['slide_id']}: failed at {result['failed_task']}: {result['error']}")
             continue
-        facts = [f"slide score {result['slide_score']:.4g} ({result['reducer']})"]
+        facts = [f"slide score {result['slide_score']:.4g} ({result['reducer']})" if result.get("slide_score") is not None
+                 else "no slide score (no tiles)"]
         if result.get("overlay_png"):
             facts.append(f"overlay {result['overlay_png']}")
         written = result.get("exports_written") or []

@@ -15,6 +15,7 @@ from pipelines.camelyon16 import REFERENCE_RESULTS, run_camelyon16
 from pipelines.cli import main
 from wsi_ad.annotations import Annotation, read_asap_xml, write_asap_xml
 from wsi_ad.config import Config
+from wsi_ad.errors import WsiAdError
 from wsi_ad.metrics import tile_labels
 from wsi_ad.store import SlideStore
 
@@ -90,6 +91,7 @@ def test_camelyon16_results_are_always_written_and_every_reference_slide_counts(
     assert "| tile-level ROC AUC | undefined |" in table and "| FROC score | undefined |" in table
     assert "- tile-level ROC AUC undefined: tile AUC needs tumour and normal tiles" in table
     assert "undefined" in capsys.readouterr().out
+    assert "isolated-tumour-cell cluster(s)" in froc["note"]
 
     # the whole reference is the denominator
     (images / "test_003.tif").write_bytes(b"II*\x00" + bytes(range(256)) * 64)        # corrupt: fails alone
@@ -97,29 +99,33 @@ def test_camelyon16_results_are_always_written_and_every_reference_slide_counts(
     tifffile.imwrite(images / "test_005.tif", np.full((4096, 4096, 3), 243, np.uint8), tile=(256, 256),
                      photometric="rgb", compression="deflate", resolution=(1e4 / 0.243, 1e4 / 0.243),
                      resolutionunit="CENTIMETER")                                       # blank glass: no tiles
+    (images / "test_006.tif").symlink_to(scored_setting["tumor"].path)              # a tumour row without XML
     with (data / "testing" / "reference.csv").open("a") as f:
-        f.write("Test_003,Tumor,IDC,Macro\nTest_004,Normal,None,None\nTest_005,Normal,None,None\n")
+        f.write("Test_003,Tumor,IDC,Macro\nTest_004,Normal,None,None\nTest_005,Normal,None,None\n"
+                "Test_006,Tumor,IDC,Micro\n")
     assert main(argv) == 0
     saved = json.loads((run / "results.json").read_text())
     slides = {e["slide_id"]: e for e in saved["slides"]}
     assert {sid: e["status"] for sid, e in slides.items()} == {
         "Test_001": "scored", "Test_002": "scored", "Test_003": "failed", "Test_004": "not found",
-        "Test_005": "no tiles"}
+        "Test_005": "no tiles", "Test_006": "scored"}
+    assert "lesions are unknown, it is left out of the FROC and the tile AUC" in slides["Test_006"]["note"]
     assert "no tissue" in slides["Test_005"]["note"] and "not a slide format" in slides["Test_003"]["note"]
     slide = saved["slide"]
     assert slide["missing"] == ["Test_003", "Test_004", "Test_005"] and slide["missing_counted_as"] == "wrong"
-    assert (slide["overall"]["n_tumor"], slide["overall"]["n_normal"]) == (2, 3)
-    # 6 tumour-normal pairs; the only pair that can be right is scored tumour Test_002 over scored normal Test_001
-    right = slides["Test_002"]["slide_score"] > slides["Test_001"]["slide_score"]
-    assert slide["auc"] == pytest.approx(right / 6)
-    assert slide["scored_only"]["auc"] == float(right)
+    assert (slide["overall"]["n_tumor"], slide["overall"]["n_normal"]) == (3, 3)
+    # 9 tumour-normal pairs; only scored tumours (Test_002, Test_006) over the scored normal Test_001 can be right
+    right = sum(slides[t]["slide_score"] > slides["Test_001"]["slide_score"] for t in ("Test_002", "Test_006"))
+    assert slide["auc"] == pytest.approx(right / 9)
+    assert slide["scored_only"]["auc"] == pytest.approx(right / 2)
     froc = saved["froc"]
     assert froc["n_lesions"] == 1 and froc["n_detected_lesions"] == 0 and froc["score"] == 0.0
     assert froc["n_slides"] == 5 and froc["missing"] == ["Test_003", "Test_004", "Test_005"]
+    assert froc["not_evaluable"] == ["Test_006"]                # its detections do not make the FROC undefined
     assert slides["Test_003"]["n_lesions"] == 1 and "annotations alone" in slides["Test_003"]["note"]
     assert saved["tile"]["auc"] is None and saved["tile"]["slides_without_tiles"] == ["Test_003", "Test_004", "Test_005"]
     table = (run / "results.md").read_text()
-    assert "Reference slides not in every metric (3 of 5)" in table
+    assert "Reference slides not in every metric (4 of 6)" in table
     assert "| Test_004 | Normal | not found |" in table and "3 unscored counted wrong" in table
 
 
@@ -158,3 +164,19 @@ def test_evaluate_tiles_refuses_a_folder_without_the_layout(scored_setting, tmp_
     (tmp_path / "test" / "good").mkdir(parents=True)
     assert main(["evaluate", "tiles", str(tmp_path), "--model", str(scored_setting["model"])]) == 2
     assert "not an anomalib Folder dataset" in capsys.readouterr().err
+
+
+def test_camelyon16_without_test_slides_still_writes_results_and_a_bad_reference_fails_first(scored_setting, tmp_path):
+    data = tmp_path / "c16"
+    (data / "testing" / "images").mkdir(parents=True)
+    (data / "testing" / "lesion_annotations").mkdir()
+    reference = data / "testing" / "reference.csv"
+    reference.write_text("Test_001,Normal,None,None\nTest_002,Tumor,IDC,Macro\n")
+    results = run_camelyon16(data, tmp_path / "run", model=scored_setting["model"], echo=lambda line: None)
+    assert [e["status"] for e in results["slides"]] == ["not found", "not found"]
+    assert results["slide"]["auc"] == 0.0 and (tmp_path / "run" / "results.md").exists()
+    reference.write_text("Test_001,Normal,None,None\nTest_030,Tumor,,\n")          # no metastasis category
+    (data / "testing" / "images" / "test_001.tif").symlink_to(scored_setting["normal"].path)
+    with pytest.raises(WsiAdError, match="line 2"):
+        run_camelyon16(data, tmp_path / "run2", model=scored_setting["model"], echo=lambda line: None)
+    assert not (tmp_path / "run2" / "testing").exists()                           # nothing was processed
