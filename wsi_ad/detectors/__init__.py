@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from wsi_ad.config import Config
 
 #: Built-in detectors: name -> module that registers it when imported.
-BUILTIN = {"dpa": "wsi_ad.detectors.dpa"}
+BUILTIN = {"dpa": "wsi_ad.detectors.dpa", "piad": "wsi_ad.detectors.piad"}
 ENTRY_POINT_GROUP = "wsi_ad.detectors"
 ENV_VAR = "WSI_AD_DETECTORS"
 

@@ -27,9 +27,16 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from wsi_ad.errors import WsiAdError
+
 if TYPE_CHECKING:
     from wsi_ad.config import Config
     from wsi_ad.tile_pool import TilePool
+
+
+class TrainingDivergedError(WsiAdError):
+    """Training produced a non-finite (or, for a detector that says so, exploding) loss; the last checkpoint
+    written before it is kept as it was."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,12 @@ class Detector(ABC):
     def num_steps(self) -> int:
         return self.num_steps_of(self.config)
 
+    @property
+    def batches_per_step(self) -> int:
+        """Fresh batches of ``train.batch_size`` tiles one :meth:`train_step` consumes (e.g. a GAN's critic
+        updates and its generator update each take their own); the loop passes them concatenated."""
+        return 1
+
     def phase(self, step: int) -> str:
         """A label of the part of training that ``step`` belongs to (e.g. a progressive-growing phase), for
         progress lines and loss curves; ``""`` when training has no phases."""
@@ -130,8 +143,11 @@ class Detector(ABC):
         uint8 tiles): measure statistics, build a memory bank. Not called on resume (the state has it)."""
 
     def train_step(self, tiles: torch.Tensor, step: int) -> dict[str, float]:
-        """One optimisation step on ``tiles`` (B, 3, S, S) float32 in [-1, 1]; returns named losses (and
-        other scalars worth a curve). The detector owns its optimizers and their schedule."""
+        """One optimisation step on ``tiles`` (B, 3, S, S) float32 in [-1, 1], B = ``batches_per_step`` x
+        ``train.batch_size``; returns named losses (and other scalars worth a curve). The detector owns its
+        optimizers and their schedule; randomness it draws must be a function of (``train.seed``, ``step``) so
+        that a resumed run repeats it. Raises :class:`TrainingDivergedError` for a loss it knows has exploded
+        (the loop itself refuses non-finite values)."""
         raise NotImplementedError(f"detector {self.name!r} has no training steps (fit-only)")
 
     @abstractmethod

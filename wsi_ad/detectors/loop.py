@@ -30,6 +30,7 @@ from wsi_ad import __version__
 from wsi_ad.atomic import write_bytes_atomic, write_text_atomic
 from wsi_ad.config import Config, training_identity
 from wsi_ad.detectors import build, get
+from wsi_ad.detectors.base import TrainingDivergedError
 from wsi_ad.detectors.checkpoint import CheckpointError, load_checkpoint, model_id, save_checkpoint
 from wsi_ad.device import select_device
 from wsi_ad.tile_pool import TilePool, augment, discover_sources, to_tensor
@@ -183,15 +184,21 @@ def train(
     window: dict[str, float] = {}
     window_n, window_t = 0, time.perf_counter()
     batch_size = config.train.batch_size
+    tiles_per_step = batch_size * detector.batches_per_step
+    last_finite: tuple[int, dict[str, float]] | None = None
     must_save = set(boundaries) | {total}
     stopped = False
     detector.train()
     try:
         while iteration < total:
             rng = np.random.default_rng([config.train.seed, 17, iteration])
-            tiles = augment(pool.batch(iteration, batch_size), rng, config.data.flips, config.data.rot90)
+            tiles = augment(pool.batch(iteration, tiles_per_step), rng, config.data.flips, config.data.rot90)
             phase = detector.phase(iteration)
             values = detector.train_step(to_tensor(tiles, device), iteration)
+            bad = sorted(k for k, v in values.items() if not np.isfinite(float(v)))
+            if bad:
+                raise _diverged(out, iteration, {k: values[k] for k in bad}, last_finite)
+            last_finite = (iteration, {k: float(v) for k, v in values.items()})
             iteration += 1
             for key, value in values.items():
                 window[key] = window.get(key, 0.0) + float(value)
@@ -199,7 +206,7 @@ def train(
             bar.update(1)
             if iteration % config.train.log_every == 0 or iteration in must_save:
                 elapsed = time.perf_counter() - window_t
-                rate = window_n * batch_size / max(elapsed, 1e-9)
+                rate = window_n * tiles_per_step / max(elapsed, 1e-9)
                 means = {k: v / window_n for k, v in window.items()}
                 row = {"iteration": iteration, "phase": phase, "tiles_per_s": round(rate, 1), **means}
                 logged = len(history["iteration"])
@@ -209,7 +216,11 @@ def train(
                 window, window_n, window_t = {}, 0, time.perf_counter()
             at_stop = stop_after is not None and iteration >= stop_after
             if iteration in must_save or iteration % config.train.checkpoint_every == 0 or at_stop:
-                save_checkpoint(out, payload(iteration >= total))
+                state = payload(iteration >= total)
+                broken = _nonfinite(state["state"])
+                if broken:                 # finite losses but weights gone bad by the last step: keep the old file
+                    raise _diverged(out, iteration, {f"weights {broken}": float("nan")}, last_finite)
+                save_checkpoint(out, state)
                 write_loss_curve(out, history, phase_marks, png=iteration >= total or at_stop)
             if at_stop and iteration < total:
                 stopped = True
@@ -224,6 +235,28 @@ def train(
     final = load_checkpoint(out)
     return TrainResult(out, model_id(final), iteration, start_iteration, not stopped, _last_loss(history),
                        time.perf_counter() - t0)
+
+
+def _diverged(out: Path, iteration: int, bad: dict[str, float], last_finite) -> TrainingDivergedError:
+    """The error for a non-finite loss at ``iteration``: which values, the last finite ones, and what is kept."""
+    kept = f"{out} keeps its last checkpoint" if out.exists() else "no checkpoint was written"
+    before = ("; the last finite values (iteration " + str(last_finite[0]) + "): " +
+              ", ".join(f"{k} {v:.4g}" for k, v in last_finite[1].items())) if last_finite else ""
+    return TrainingDivergedError(
+        f"training diverged at iteration {iteration}: " + ", ".join(f"{k} = {v}" for k, v in bad.items()) + before
+        + f"; {kept}. Lower the learning rate or change the seed, and run again with --overwrite")
+
+
+def _nonfinite(state, prefix: str = "") -> str | None:
+    """The name of the first tensor in a (nested) state dict holding NaN or inf, or None."""
+    if isinstance(state, torch.Tensor):
+        return prefix or "tensor" if state.is_floating_point() and not bool(torch.isfinite(state).all()) else None
+    if isinstance(state, dict):
+        for key, value in state.items():
+            found = _nonfinite(value, f"{prefix}.{key}" if prefix else str(key))
+            if found:
+                return found
+    return None
 
 
 def _last_loss(history: dict[str, list]) -> float | None:

@@ -68,6 +68,23 @@ class PerceptualLoss(nn.Module):
         return relative_l1(target, self.features(recon))
 
 
+def perceptual_scores(perceptual: PerceptualLoss, tiles: torch.Tensor, recon: torch.Tensor,
+                      pixel_maps: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The anomaly score of the DPA and PIAD: (B,) float32 relative perceptual L1 of each tile (B, 3, S, S) and
+    its reconstruction, each input's features computed once; with ``pixel_maps`` also (B, h, w) float32 maps,
+    per feature cell the channel mean of |f̂(x) − f̂(x̃)| over the tile's mean |f̂(x)|, so that a map's mean is
+    the tile's score (the official code's pixel-wise reduction, at the feature layer's resolution rather than
+    upsampled)."""
+    target = perceptual.features(tiles)
+    recon_features = perceptual.features(recon)
+    score = relative_l1(target, recon_features).float()
+    pmap = None
+    if pixel_maps:
+        den = target.abs().mean(dim=(1, 2, 3)).float()
+        pmap = (target - recon_features).abs().mean(dim=1).float() / (den + 1e-8).view(-1, 1, 1)
+    return score, pmap
+
+
 @torch.no_grad()
 def feature_stats(extractor: FeatureExtractor, images: torch.Tensor, size: int,
                   batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

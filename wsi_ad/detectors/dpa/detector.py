@@ -35,7 +35,7 @@ from wsi_ad.detectors.dpa.config import DPAConfig
 from wsi_ad.detectors.dpa.networks import build_autoencoder
 from wsi_ad.detectors.dpa.schedule import Phase, flat_phases, loss_sizes, phase_loss, progressive_phases, resize_batch
 from wsi_ad.features.backbones import build_backbone
-from wsi_ad.features.perceptual import PerceptualLoss, feature_stats, imagenet_feature_stats, relative_l1
+from wsi_ad.features.perceptual import PerceptualLoss, feature_stats, imagenet_feature_stats, perceptual_scores
 from wsi_ad.tile_pool import to_tensor
 
 #: How each architecture resizes training inputs to a progressive phase's size (see schedule.resize_batch).
@@ -225,21 +225,12 @@ class DPA(Detector):
     # -- scoring --------------------------------------------------------------------------------------
 
     def score_batch(self, tiles: torch.Tensor, pixel_maps: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Relative perceptual L1 of each tile's reconstruction at full size (alpha = 1), computing each
-        input's features once; maps: per feature cell, the channel mean of |f̂(x) − f̂(x̃)| over the tile's
-        mean |f̂(x)|, so a map's mean is the tile's score (the official code's pixel-wise reduction, at
-        the feature layer's resolution rather than upsampled)."""
+        """Relative perceptual L1 of each tile's reconstruction at full size (alpha = 1) and, with
+        ``pixel_maps``, its per-feature-cell map (:func:`~wsi_ad.features.perceptual.perceptual_scores`)."""
         if self.channels_last:
             tiles = tiles.contiguous(memory_format=torch.channels_last)
-        size = self.section.image_size
-        target = self.perceptual.features(tiles)
-        recon_features = self.perceptual.features(self.autoencoder(tiles, size, 1.0))
-        score = relative_l1(target, recon_features).float()
-        pmap = None
-        if pixel_maps:
-            den = target.abs().mean(dim=(1, 2, 3)).float()
-            pmap = (target - recon_features).abs().mean(dim=1).float() / (den + 1e-8).view(-1, 1, 1)
-        return score, pmap
+        return perceptual_scores(self.perceptual, tiles, self.autoencoder(tiles, self.section.image_size, 1.0),
+                                 pixel_maps)
 
 
 def _levels(image_size: int, latent_size: int) -> int:
