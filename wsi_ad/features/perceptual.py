@@ -28,6 +28,41 @@ from wsi_ad.features.backbones import BackboneError, FeatureExtractor
 IMAGENET_STATS_FILES = {"vgg19": "vgg19_imagenet_feature_stats.npz"}
 
 
+def layers_by_size(layers) -> dict[int, str] | None:
+    """A config's ``layers`` ({input size px: layer name}; YAML may give the sizes as strings) with int sizes, or
+    None when unset or empty. Raises :class:`~wsi_ad.config.ConfigError` for anything else."""
+    from wsi_ad.config import ConfigError
+
+    if layers is None:
+        return None
+    if not isinstance(layers, dict):
+        raise ConfigError(f"layers must be a mapping of input size to layer name, got {layers!r}")
+    try:
+        return {int(k): str(v) for k, v in layers.items()} or None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"layers keys must be input sizes in px, got {list(layers)}") from exc
+
+
+def check_perceptual_settings(backbone: str, layers: dict[int, str] | None, feature_stats: str) -> None:
+    """Raise :class:`~wsi_ad.config.ConfigError` naming the first invalid perceptual-loss setting of a detector's
+    config section: an unknown backbone, a layer it does not have, or ``feature_stats`` other than ``imagenet``
+    (only for backbones whose ImageNet statistics ship, :data:`IMAGENET_STATS_FILES`) and ``train``."""
+    from wsi_ad.config import ConfigError
+    from wsi_ad.features.backbones import LAYER_NAMES, list_backbones
+
+    if backbone not in list_backbones():
+        raise ConfigError(f"unknown backbone {backbone!r}; choose one of {', '.join(list_backbones())}")
+    if layers:
+        bad = sorted({v for v in layers.values() if v not in LAYER_NAMES[backbone]})
+        if bad:
+            raise ConfigError(f"layers: {bad} not layers of {backbone} (choose from {list(LAYER_NAMES[backbone])})")
+    if feature_stats not in ("imagenet", "train"):
+        raise ConfigError(f"feature_stats must be imagenet or train, got {feature_stats!r}")
+    if feature_stats == "imagenet" and backbone not in IMAGENET_STATS_FILES:
+        raise ConfigError(f"feature_stats: imagenet needs a backbone with shipped ImageNet statistics "
+                          f"({', '.join(sorted(IMAGENET_STATS_FILES))}); {backbone} has none: use train")
+
+
 def relative_l1(target_features: torch.Tensor, recon_features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """(B, C, H, W) standardized features of x and x̃ -> (B,) mean|f̂(x) - f̂(x̃)| / mean|f̂(x)| (denominator detached)."""
     dims = tuple(range(1, target_features.ndim))

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wsi_ad.config import ConfigError
+from wsi_ad.features.perceptual import check_perceptual_settings, layers_by_size
 
 #: The official progressive schedule (``pg`` config): iterations per phase, 88,666 in all.
 PAPER_ITERATIONS = {"stab16": 20000, "trns32": 20000, "stab32": 20000, "trns64": 20000, "stab64": 8666}
@@ -50,13 +51,7 @@ class DPAConfig:
     download_weights: bool = False
 
     def __post_init__(self):
-        if self.layers is not None:  # YAML/JSON may give "64": normalize to int sizes
-            if not isinstance(self.layers, dict):
-                raise ConfigError(f"layers must be a mapping of input size to layer name, got {self.layers!r}")
-            try:
-                self.layers = {int(k): str(v) for k, v in self.layers.items()} or None
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"layers keys must be input sizes in px, got {list(self.layers)}") from exc
+        self.layers = layers_by_size(self.layers)  # YAML/JSON may give "64": int sizes
         self.channels = list(self.channels)
 
     def autoencoder_config(self):
@@ -67,8 +62,6 @@ class DPAConfig:
     def validate(self) -> None:
         """Raise :class:`~wsi_ad.config.ConfigError` naming the first invalid key."""
         from wsi_ad.detectors.dpa.networks import ARCHITECTURES
-        from wsi_ad.features.backbones import LAYER_NAMES, list_backbones
-        from wsi_ad.features.perceptual import IMAGENET_STATS_FILES
 
         if self.architecture not in ARCHITECTURES:
             raise ConfigError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
@@ -76,17 +69,7 @@ class DPAConfig:
             self.autoencoder_config()
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
-        if self.backbone not in list_backbones():
-            raise ConfigError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(list_backbones())}")
-        if self.layers:
-            bad = sorted({v for v in self.layers.values() if v not in LAYER_NAMES[self.backbone]})
-            if bad:
-                raise ConfigError(f"layers: {bad} not layers of {self.backbone} (choose from {list(LAYER_NAMES[self.backbone])})")
-        if self.feature_stats not in ("imagenet", "train"):
-            raise ConfigError(f"feature_stats must be imagenet or train, got {self.feature_stats!r}")
-        if self.feature_stats == "imagenet" and self.backbone not in IMAGENET_STATS_FILES:
-            raise ConfigError(f"feature_stats: imagenet needs a backbone with shipped ImageNet statistics "
-                              f"({', '.join(sorted(IMAGENET_STATS_FILES))}); {self.backbone} has none: use train")
+        check_perceptual_settings(self.backbone, self.layers, self.feature_stats)
         if self.stats_tiles < 1 or self.lr <= 0:
             raise ConfigError("stats_tiles and lr must be positive")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from wsi_ad.config import ConfigError
+from wsi_ad.features.perceptual import check_perceptual_settings, layers_by_size
 
 
 @dataclass
@@ -55,13 +56,7 @@ class PIADConfig:
     download_weights: bool = False
 
     def __post_init__(self):
-        if self.layers is not None:
-            if not isinstance(self.layers, dict):
-                raise ConfigError(f"layers must be a mapping of input size to layer name, got {self.layers!r}")
-            try:
-                self.layers = {int(k): str(v) for k, v in self.layers.items()} or None
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"layers keys must be input sizes in px, got {list(self.layers)}") from exc
+        self.layers = layers_by_size(self.layers)  # YAML/JSON may give "64": int sizes
         for key in ("encoder_channels", "generator_channels", "critic_channels", "latent_critic_channels", "betas"):
             setattr(self, key, list(getattr(self, key)))
 
@@ -72,9 +67,6 @@ class PIADConfig:
 
     def validate(self) -> None:
         """Raise :class:`~wsi_ad.config.ConfigError` naming the first invalid key."""
-        from wsi_ad.features.backbones import LAYER_NAMES, list_backbones
-        from wsi_ad.features.perceptual import IMAGENET_STATS_FILES
-
         size = self.image_size
         if size < 8 or size & (size - 1):
             raise ConfigError(f"image_size must be a power of two >= 8, got {size}")
@@ -85,17 +77,7 @@ class PIADConfig:
                                   f"got {widths}")
         if self.latent_dim < 1 or not self.latent_critic_channels or any(w < 1 for w in self.latent_critic_channels):
             raise ConfigError("latent_dim and latent_critic_channels must be positive")
-        if self.backbone not in list_backbones():
-            raise ConfigError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(list_backbones())}")
-        if self.layers:
-            bad = sorted({v for v in self.layers.values() if v not in LAYER_NAMES[self.backbone]})
-            if bad:
-                raise ConfigError(f"layers: {bad} not layers of {self.backbone} (choose from {list(LAYER_NAMES[self.backbone])})")
-        if self.feature_stats not in ("imagenet", "train"):
-            raise ConfigError(f"feature_stats must be imagenet or train, got {self.feature_stats!r}")
-        if self.feature_stats == "imagenet" and self.backbone not in IMAGENET_STATS_FILES:
-            raise ConfigError(f"feature_stats: imagenet needs a backbone with shipped ImageNet statistics "
-                              f"({', '.join(sorted(IMAGENET_STATS_FILES))}); {self.backbone} has none: use train")
+        check_perceptual_settings(self.backbone, self.layers, self.feature_stats)
         if self.iterations < 0 or self.n_critic < 0 or self.stats_tiles < 1:
             raise ConfigError("iterations and n_critic must be >= 0, stats_tiles >= 1")
         if self.lr <= 0 or self.critic_lr <= 0:
