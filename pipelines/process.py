@@ -33,6 +33,7 @@ from pipelines.tasks import (
     aggregate_slide,
     cohort_scale_of,
     export_slide,
+    geojson_threshold,
     new_result,
     overlay_slide,
     preprocess_slide,
@@ -231,8 +232,7 @@ def _run_graph(client, info, slides: list[Path], out: Path, batch: BatchConfig, 
         if scale is not None:
             _say(echo, f"cohort colour scale: {scale.vmin:.4g} – {scale.vmax:.4g} ({len(results)} slides)")
         last, first = {}, len(submitted)          # each slide's last task; the tasks of this second phase
-        threshold = batch.geojson_threshold if batch.geojson_threshold is not None else \
-            (scale.vmax if scale is not None else None)
+        threshold = geojson_threshold(batch.geojson_threshold, scale)
         for result in results:
             sid = result["slide_id"]
             last[sid] = submit(overlay_slide, result, scale, out.resolve(), task="overlay", sid=sid,

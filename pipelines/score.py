@@ -210,14 +210,13 @@ def _heatmaps_overlays_exports(scored: list[dict], args: argparse.Namespace) -> 
     """Heatmap and slide score of every scored store, then (unless ``--no-overlays``) overlays on one colour
     scale for all of them, in ``<store folder>/overlays``, and the ``--export`` formats beside each store;
     returns the number of stores that failed here (each printed)."""
-    from pipelines.tasks import aggregate_slide, cohort_scale_of, export_slide, overlay_slide
+    from pipelines.tasks import aggregate_slide, cohort_scale_of, export_slide, geojson_threshold, overlay_slide
 
     results = [aggregate_slide(r) for r in scored]
     scale = cohort_scale_of(results)
     if scale is not None:
         print(f"cohort colour scale {scale.vmin:.4g} – {scale.vmax:.4g} over {len(results)} slides")
-    threshold = args.geojson_threshold if args.geojson_threshold is not None else \
-        (scale.vmax if scale is not None else None)
+    threshold = geojson_threshold(args.geojson_threshold, scale)
     failed = 0
     for result in results:
         if not args.no_overlays:

@@ -189,6 +189,14 @@ def cohort_scale_of(results: list[dict]):
     return cohort_scale(arrays, units=units) if units else cohort_scale(arrays)
 
 
+def geojson_threshold(explicit: float | None, scale) -> float | None:
+    """The score at or above which heatmap cells form GeoJSON regions: ``explicit`` (``--geojson-threshold``), else
+    the top of the run's colour scale ``scale`` (the 99th percentile of all its tile scores); None without both."""
+    if explicit is not None:
+        return float(explicit)
+    return float(scale.vmax) if scale is not None else None
+
+
 @_task("overlay")
 def overlay_slide(result: dict, scale, out: Path, *, annotations_dir: Path | None = None,
                   mpp: float | None = None) -> None:
