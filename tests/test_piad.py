@@ -118,7 +118,8 @@ def test_training_steps_move_every_network_and_a_resumed_run_ends_with_identical
     with open(loss_paths(tmp_path / "straight.pt")[0]) as f:
         rows = list(csv.DictReader(f))
     assert {"rec_loss", "image_adv_loss", "latent_adv_loss", "image_critic_loss", "latent_critic_loss",
-            "rec_weight_encoder", "rec_weight_generator", "generated_diversity"} <= set(rows[0])
+            "image_critic_gp", "latent_critic_norm", "rec_weight_encoder", "rec_weight_generator",
+            "generated_diversity"} <= set(rows[0])
     assert float(rows[0]["rec_weight_encoder"]) == 1.0 and float(rows[-1]["rec_weight_encoder"]) != 1.0
     assert loss_paths(tmp_path / "straight.pt")[1].exists()
 
@@ -149,9 +150,13 @@ def test_divergence_stops_with_the_iteration_and_last_finite_losses_and_keeps_th
 
     # the official guard: a loss beyond loss_limit is divergence too
     guarded = Config.from_dict({**TINY, "piad": {**TINY["piad"], "loss_limit": 1e-9}})
-    with pytest.raises(TrainingDivergedError, match="beyond loss_limit 1e-09"):
+    with pytest.raises(TrainingDivergedError, match="iteration 0: rec_loss = .* above loss_limit 1e-09 .*no checkpoint"):
         train(stores, tmp_path / "guarded.pt", guarded, **quiet)
     assert not (tmp_path / "guarded.pt").exists()
+
+    # a logged statistic is no loss: one tile per batch (no spread to measure) trains on
+    single = Config.from_dict({**TINY, "piad": {**TINY["piad"], "iterations": 2}, "train": {**TINY["train"], "batch_size": 1}})
+    assert train(stores, tmp_path / "single.pt", single, **quiet).complete
 
 
 def test_a_piad_checkpoint_goes_through_train_score_and_process_commands(scored_setting, tmp_path, capsys):

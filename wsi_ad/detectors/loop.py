@@ -59,7 +59,8 @@ def loss_paths(checkpoint: str | os.PathLike) -> tuple[Path, Path]:
 def write_loss_curve(checkpoint: str | os.PathLike, history: dict[str, list], boundaries: Sequence[tuple[int, str]] = (),
                      png: bool = True) -> None:
     """Write the loss history as CSV (one column per history key) and, optionally, a PNG plot of every
-    column named ``*loss*`` with the phase ``boundaries`` ((step, label) pairs) marked, atomically."""
+    column named ``*loss*``, one panel each (log scale when positive), with the phase ``boundaries`` ((step,
+    label) pairs) marked, atomically."""
     csv_path, png_path = loss_paths(checkpoint)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -74,20 +75,21 @@ def write_loss_curve(checkpoint: str | os.PathLike, history: dict[str, list], bo
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 3.5), dpi=100)
-    ax = fig.add_subplot()
     curves = [k for k in history if "loss" in k]
-    for key in curves:
-        ax.plot(history["iteration"], history[key], lw=1, label=key)
+    fig = Figure(figsize=(7, 1.2 + 1.6 * max(1, len(curves))), dpi=100)
+    axes = fig.subplots(max(1, len(curves)), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, key in zip(axes, curves, strict=False):       # one panel per loss: their scales differ (GAN terms)
+        values = [v for v in history[key] if v is not None]
+        ax.plot(history["iteration"], [float("nan") if v is None else v for v in history[key]], lw=1)
+        ax.set_ylabel(key, fontsize=7)
+        if values and all(v > 0 for v in values):
+            ax.set_yscale("log")
+        for step, _ in boundaries:
+            ax.axvline(step, color="0.8", lw=0.8)
     for step, label in boundaries:
-        ax.axvline(step, color="0.8", lw=0.8)
-        ax.text(step, 1.0, f" {label}", transform=ax.get_xaxis_transform(), va="top", fontsize=7)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("training loss")
-    if curves and all(v > 0 for k in curves for v in history[k]):
-        ax.set_yscale("log")
-    if len(curves) > 1:
-        ax.legend(fontsize=7)
+        axes[0].text(step, 1.0, f" {label}", transform=axes[0].get_xaxis_transform(), va="top", fontsize=7)
+    axes[-1].set_xlabel("iteration")
+    fig.suptitle("training losses", fontsize=9)
     fig.tight_layout()
     out = io.BytesIO()
     fig.savefig(out, format="png")
@@ -194,10 +196,13 @@ def train(
             rng = np.random.default_rng([config.train.seed, 17, iteration])
             tiles = augment(pool.batch(iteration, tiles_per_step), rng, config.data.flips, config.data.rot90)
             phase = detector.phase(iteration)
-            values = detector.train_step(to_tensor(tiles, device), iteration)
-            bad = sorted(k for k, v in values.items() if not np.isfinite(float(v)))
+            try:
+                values = detector.train_step(to_tensor(tiles, device), iteration)
+            except TrainingDivergedError as exc:       # the detector's own guard (e.g. an exploding loss)
+                raise _diverged(out, iteration, str(exc), last_finite) from None
+            bad = sorted(k for k, v in values.items() if "loss" in k and not np.isfinite(float(v)))
             if bad:
-                raise _diverged(out, iteration, {k: values[k] for k in bad}, last_finite)
+                raise _diverged(out, iteration, ", ".join(f"{k} = {values[k]}" for k in bad), last_finite)
             last_finite = (iteration, {k: float(v) for k, v in values.items()})
             iteration += 1
             for key, value in values.items():
@@ -219,7 +224,7 @@ def train(
                 state = payload(iteration >= total)
                 broken = _nonfinite(state["state"])
                 if broken:                 # finite losses but weights gone bad by the last step: keep the old file
-                    raise _diverged(out, iteration, {f"weights {broken}": float("nan")}, last_finite)
+                    raise _diverged(out, iteration, f"weights {broken} are not finite", last_finite)
                 save_checkpoint(out, state)
                 write_loss_curve(out, history, phase_marks, png=iteration >= total or at_stop)
             if at_stop and iteration < total:
@@ -237,14 +242,15 @@ def train(
                        time.perf_counter() - t0)
 
 
-def _diverged(out: Path, iteration: int, bad: dict[str, float], last_finite) -> TrainingDivergedError:
-    """The error for a non-finite loss at ``iteration``: which values, the last finite ones, and what is kept."""
+def _diverged(out: Path, iteration: int, what: str, last_finite) -> TrainingDivergedError:
+    """The error for training that went bad at ``iteration`` (``what``: the values), with the last finite losses and
+    what is kept on disk."""
     kept = f"{out} keeps its last checkpoint" if out.exists() else "no checkpoint was written"
     before = ("; the last finite values (iteration " + str(last_finite[0]) + "): " +
               ", ".join(f"{k} {v:.4g}" for k, v in last_finite[1].items())) if last_finite else ""
     return TrainingDivergedError(
-        f"training diverged at iteration {iteration}: " + ", ".join(f"{k} = {v}" for k, v in bad.items()) + before
-        + f"; {kept}. Lower the learning rate or change the seed, and run again with --overwrite")
+        f"training diverged at iteration {iteration}: {what}{before}; {kept}. Lower the learning rate or change "
+        "the seed, and run again with --overwrite")
 
 
 def _nonfinite(state, prefix: str = "") -> str | None:

@@ -26,6 +26,8 @@ iterations. Where ours departs from the official code:
   instead of ``backward`` + ``zero_grad``: the same norms without side effects on the other gradients.
 - Critic parameters are frozen during the encoder+generator update (the official code computes their gradients
   and discards them at the critics' next ``zero_grad``): the same update, less work.
+- The divergence guard is the official one (rec, image and latent adversarial losses above ``loss_limit``,
+  10^6, signed); a non-finite loss stops any detector's training (:mod:`~wsi_ad.detectors.loop`).
 - Training is fp32 whatever ``train.amp`` says (bf16 and the gradient penalty's double backward do not mix
   well); the official code trained in fp32 as well.
 - ``feature_stats: train`` (the CPU setting) and other backbones than VGG-19 are ours, as for the DPA.
@@ -113,13 +115,16 @@ class PIAD(Detector):
 
     @classmethod
     def apply_search_params(cls, section: dict[str, Any], params) -> dict[str, Any]:
-        """As the base, plus: ``layer`` a layer name (the feature layer at ``image_size``); a ``latent_dim``
-        without widths takes the official setting's widths for it (128: the weakly-supervised one, METHODS §4.1)."""
+        """As the base, plus: ``layer`` a layer name (the feature layer at ``image_size``); on the paper's widths, a
+        ``latent_dim`` of 128 without widths takes the weakly-supervised setting's widths (METHODS §4.1); other
+        base widths are kept."""
         plain = {k: v for k, v in params.items() if k != "layer"}
         section = super().apply_search_params(section, plain)
         if "layer" in params:
             section["layers"] = {**(section.get("layers") or {}), int(section["image_size"]): str(params["layer"])}
-        if int(section.get("latent_dim", 256)) == 128 and int(section.get("image_size", 64)) == 64:
+        paper = section.get("encoder_channels") == [32, 64, 128, 256, 256] and \
+            section.get("generator_channels") == [256, 256, 128, 64, 32]
+        if paper and int(section.get("latent_dim", 256)) == 128 and int(section.get("image_size", 64)) == 64:
             if "encoder_channels" not in params:
                 section["encoder_channels"] = [32, 64, 128, 128, 128]
             if "generator_channels" not in params:
@@ -163,7 +168,7 @@ class PIAD(Detector):
             loss.backward()
             optimizer.step()
             losses[f"{name}_loss"] = float(loss.detach())
-            losses[f"{name}_wasserstein"] = parts["wasserstein"]
+            losses.update({f"{name}_{part}": value for part, value in parts.items()})
         return losses
 
     def train_step(self, tiles: torch.Tensor, step: int) -> dict[str, float]:
@@ -188,12 +193,10 @@ class PIAD(Detector):
                 self._rebalance(latent_adv, image_adv, rec)
             values = {"rec_loss": float(rec.detach()), "image_adv_loss": float(image_adv.detach()),
                       "latent_adv_loss": float(latent_adv.detach())}
-            exploded = {k: v for k, v in {**values, **critic_losses}.items() if k.endswith("_loss") and abs(v) > s.loss_limit}
+            exploded = {k: v for k, v in values.items() if v > s.loss_limit}   # the official guard: these three, signed
             if exploded:
-                raise TrainingDivergedError(
-                    f"training diverged at iteration {step}: " + ", ".join(f"{k} = {v:.4g}" for k, v in exploded.items())
-                    + f" beyond loss_limit {s.loss_limit:g} (the official code's guard); the last checkpoint is kept. "
-                      "Lower lr / critic_lr or change the seed, and run again with --overwrite")
+                raise TrainingDivergedError(", ".join(f"{k} = {v:.4g}" for k, v in exploded.items())
+                                            + f" above loss_limit {s.loss_limit:g} (the official code's guard)")
             self.optimizer.zero_grad(set_to_none=True)
             rec.backward(retain_graph=True)
             for name, module in (("encoder", self.encoder), ("generator", self.generator)):
@@ -207,7 +210,7 @@ class PIAD(Detector):
                 critic.requires_grad_(True)
         self._steps_done = step + 1
         with torch.no_grad():                     # mode collapse shows as generated tiles all alike
-            diversity = float(fake_x.std(dim=0).mean() / x.std(dim=0).mean().clamp_min(1e-8))
+            diversity = float(fake_x.std(dim=0, correction=0).mean() / x.std(dim=0, correction=0).mean().clamp_min(1e-8))
         return {**values, **critic_losses, "rec_weight_encoder": self.rec_weights["encoder"],
                 "rec_weight_generator": self.rec_weights["generator"], "generated_diversity": diversity}
 

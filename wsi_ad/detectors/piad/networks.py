@@ -17,9 +17,10 @@ Shapes (S = image size, a power of two; widths listed per resolution, S ... 4 px
 - :class:`LatentCritic`: (B, latent_dim, 1, 1) -> (B, 1, 1, 1), 1x1 convs latent_dim -> 1024 -> 1024 -> 1 with
   LeakyReLU 0.2 between them.
 
-Initialisation as the official code: every conv of E, G and the image critic Kaiming-normal (fan_out,
+Initialisation, the official distributions: every conv of E, G and the image critic Kaiming-normal (fan_out,
 leaky_relu, a = 0.2), biases PyTorch's default; the latent critic's convs Xavier-uniform with the LeakyReLU
-gain (gain 1 for the last, linear one). With the Camelyon16 widths the parameter counts are those METHODS §4.1
+gain (gain 1 for the last, linear one). The official convs are first Xavier-initialised, then overwritten, so
+equal seeds do not give equal weights. With the Camelyon16 widths the parameter counts are those METHODS §4.1
 measured on the official modules: 3,453,952 / 2,854,147 / 899,073 / 1,313,793 (pinned by the tests).
 """
 
