@@ -88,6 +88,17 @@ class PerceptualLoss(nn.Module):
             self.register_buffer(f"mean_{int(size)}", mean.detach().float().view(1, -1, 1, 1).clone())
             self.register_buffer(f"std_{int(size)}", std.detach().float().clamp_min(1e-6).view(1, -1, 1, 1).clone())
 
+    def stats_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The statistics as a checkpoint entry: ``{"<px>": {"mean": (C,), "std": (C,)}}``, float32 on the CPU
+        (read back with :meth:`stats_from_state`)."""
+        return {str(s): {"mean": getattr(self, f"mean_{s}").view(-1).cpu(), "std": getattr(self, f"std_{s}").view(-1).cpu()}
+                for s in self.sizes}
+
+    @staticmethod
+    def stats_from_state(state: dict[str, dict[str, torch.Tensor]]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """``stats`` for the constructor from a :meth:`stats_state` entry."""
+        return {int(s): (v["mean"], v["std"]) for s, v in state.items()}
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) in [-1, 1] -> standardized float32 features (B, C, h, w) of the layer for S px."""
         size = int(x.shape[-1])

@@ -201,9 +201,7 @@ class DPA(Detector):
 
     def state_dict(self) -> dict[str, Any]:
         return {"autoencoder": {k: v.detach().cpu() for k, v in self.autoencoder.state_dict().items()},
-                "feature_stats": {str(s): {"mean": getattr(self.perceptual, f"mean_{s}").view(-1).cpu(),
-                                           "std": getattr(self.perceptual, f"std_{s}").view(-1).cpu()}
-                                  for s in self.perceptual.sizes}}
+                "feature_stats": self.perceptual.stats_state()}
 
     def training_state_dict(self) -> dict[str, Any] | None:
         """The Adam state of the current phase and the steps done when it was taken (None before training)."""
@@ -213,7 +211,7 @@ class DPA(Detector):
 
     def load_state_dict(self, state: dict[str, Any], training_state: dict[str, Any] | None = None) -> None:
         self.autoencoder.load_state_dict(state["autoencoder"])
-        self._set_stats({int(s): (v["mean"], v["std"]) for s, v in state["feature_stats"].items()})
+        self._set_stats(PerceptualLoss.stats_from_state(state["feature_stats"]))
         self.optimizer, self._optimizer_phase = None, None
         if training_state and training_state.get("optimizer") and int(training_state["step"]) > 0:
             step = self._steps_done = int(training_state["step"])

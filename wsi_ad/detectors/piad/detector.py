@@ -224,11 +224,9 @@ class PIAD(Detector):
     # -- state ----------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        size = self.section.image_size
         return {"encoder": {k: v.detach().cpu() for k, v in self.encoder.state_dict().items()},
                 "generator": {k: v.detach().cpu() for k, v in self.generator.state_dict().items()},
-                "feature_stats": {str(size): {"mean": getattr(self.perceptual, f"mean_{size}").view(-1).cpu(),
-                                              "std": getattr(self.perceptual, f"std_{size}").view(-1).cpu()}}}
+                "feature_stats": self.perceptual.stats_state()}
 
     def training_state_dict(self) -> dict[str, Any] | None:
         if self._steps_done == 0:
@@ -244,8 +242,8 @@ class PIAD(Detector):
     def load_state_dict(self, state: dict[str, Any], training_state: dict[str, Any] | None = None) -> None:
         self.encoder.load_state_dict(state["encoder"])
         self.generator.load_state_dict(state["generator"])
-        self.perceptual = PerceptualLoss(self._extractor, {int(s): (v["mean"], v["std"])
-                                                           for s, v in state["feature_stats"].items()}).to(self.device)
+        self.perceptual = PerceptualLoss(self._extractor, PerceptualLoss.stats_from_state(state["feature_stats"])
+                                         ).to(self.device)
         if training_state:
             self.image_critic.load_state_dict(training_state["image_critic"])
             self.latent_critic.load_state_dict(training_state["latent_critic"])
