@@ -21,6 +21,15 @@ to sit at the same output strides as the paper's VGG layers, so one feature cell
 the tile: the output of block 2 (stride 4, 24 channels: 4x4 cells at 16 px, 8x8 at 32 px) for 16 and 32 px,
 the output of block 4 (stride 8, 40 channels, 8x8 cells at 64 px) for 64 px.
 
+``resnet18``: torchvision's ResNet-18 architecture; weights ``resnet18-f37072fd.pth`` (torchvision IMAGENET1K_V1)
+from the torch hub cache or a file the user names (``--backbone-weights``). Features ``layer1`` (stride 4, 64
+channels) for 16 and 32 px, ``layer2`` (stride 8, 128 channels) for 64 px: the same strides as above. IGD's
+official global encoder is this network's pooled 512-d output (:func:`build_embedding`).
+
+Besides feature maps, every backbone gives a pooled image embedding (:func:`build_embedding`): the global
+average of its last feature map before the classifier (efficientnet_lite0: 1280-d after its head; resnet18:
+512-d after ``layer4``; vgg19: 512-d after its last max-pool), the frozen encoder of IGD.
+
 A config can override the layer of an input size (``backbone.layers``, e.g. ``{64: block7}``; names in
 :data:`LAYER_NAMES`). The CPU demo (``configs/demo_cpu.yaml``) uses block 7 (stride 16, 80 channels,
 4x4 cells at 64 px): after a short CPU training the block-4 (and block-2) relative L1 ranks the synthetic
@@ -90,6 +99,10 @@ class BackboneSpec:
     truncate: Callable[[nn.Module, str], nn.Module] = field(repr=False, default=None)
     #: Maps the weight file's state dict onto the architecture's keys.
     convert: Callable[[dict], dict] = field(repr=False, default=lambda sd: sd)
+    #: Builds the network whose last feature map, averaged over space, is the image embedding.
+    embed: Callable[[nn.Module], nn.Module] = field(repr=False, default=None)
+    #: Length of that embedding.
+    embed_dim: int = 0
 
     def layer_for(self, size: int) -> str:
         """The feature layer for an autoencoder input of ``size`` x ``size`` px."""
@@ -130,10 +143,35 @@ def _lite0_truncate(model: nn.Module, layer: str) -> nn.Module:
     return nn.Sequential(model.stem, *list(model.blocks.children())[: LITE0_LAYERS[layer]])
 
 
+def _lite0_embed(model: nn.Module) -> nn.Module:
+    return nn.Sequential(model.stem, model.blocks, model.head)
+
+
 def _lite0_convert(state: dict) -> dict:
     from wsi_ad.features.efficientnet_lite import convert_lite0_state_dict
 
     return convert_lite0_state_dict(state)
+
+
+# -- resnet18 ---------------------------------------------------------------------------------------
+
+#: Number of children of torchvision's ``resnet18()`` kept for each feature layer name (conv1, bn1, relu,
+#: maxpool, layer1 .. layer4).
+RESNET18_LAYERS = {"layer1": 5, "layer2": 6, "layer3": 7, "layer4": 8}
+
+
+def _resnet18_architecture() -> nn.Module:
+    from torchvision.models import resnet18
+
+    return resnet18(weights=None)
+
+
+def _resnet18_truncate(model: nn.Module, layer: str) -> nn.Module:
+    return nn.Sequential(*list(model.children())[: RESNET18_LAYERS[layer]])
+
+
+def _resnet18_embed(model: nn.Module) -> nn.Module:
+    return _resnet18_truncate(model, "layer4")
 
 
 REGISTRY: dict[str, BackboneSpec] = {
@@ -147,6 +185,7 @@ REGISTRY: dict[str, BackboneSpec] = {
         preprocess=Preprocess(IMAGENET_MEAN, IMAGENET_STD, 224),
         layers={16: "relu3_2", 32: "relu3_2", 64: "relu4_2"},
         truncate=_vgg19_truncate,
+        embed=lambda model: model.features, embed_dim=512,
     ),
     "efficientnet_lite0": BackboneSpec(
         name="efficientnet_lite0",
@@ -159,11 +198,25 @@ REGISTRY: dict[str, BackboneSpec] = {
         layers={16: "block2", 32: "block2", 64: "block4"},
         truncate=_lite0_truncate,
         convert=_lite0_convert,
+        embed=_lite0_embed, embed_dim=1280,
+    ),
+    "resnet18": BackboneSpec(
+        name="resnet18",
+        architecture=_resnet18_architecture,
+        weights=WeightSource(
+            kind="hub_cache", filename="resnet18-f37072fd.pth",
+            url="https://download.pytorch.org/models/resnet18-f37072fd.pth", license="BSD-3-Clause (torchvision)",
+        ),
+        preprocess=Preprocess(IMAGENET_MEAN, IMAGENET_STD, 224),
+        layers={16: "layer1", 32: "layer1", 64: "layer2"},
+        truncate=_resnet18_truncate,
+        embed=_resnet18_embed, embed_dim=512,
     ),
 }
 
 #: The feature layer names each backbone's ``truncate`` accepts (for ``backbone.layers`` overrides).
-LAYER_NAMES: dict[str, tuple[str, ...]] = {"vgg19": tuple(VGG19_LAYERS), "efficientnet_lite0": tuple(LITE0_LAYERS)}
+LAYER_NAMES: dict[str, tuple[str, ...]] = {"vgg19": tuple(VGG19_LAYERS), "efficientnet_lite0": tuple(LITE0_LAYERS),
+                                           "resnet18": tuple(RESNET18_LAYERS)}
 
 
 def list_backbones() -> list[str]:
@@ -218,7 +271,32 @@ def resolve_weights(spec: BackboneSpec, path: str | os.PathLike | None = None, d
     )
 
 
-class FeatureExtractor(nn.Module):
+class _FrozenBackbone(nn.Module):
+    """Base of the frozen networks cut from a backbone: its preprocessing of [-1, 1] images as buffers, no
+    trainable weights, batch norm always in eval mode. Subclasses add their networks after ``super().__init__``
+    and call :meth:`freeze`."""
+
+    def __init__(self, spec: BackboneSpec):
+        super().__init__()
+        self.spec = spec
+        mean = torch.tensor(spec.preprocess.mean).view(1, 3, 1, 1)
+        std = torch.tensor(spec.preprocess.std).view(1, 3, 1, 1)
+        # [-1, 1] -> [0, 1] -> (x - mean) / std, folded into one affine map.
+        self.register_buffer("scale", 0.5 / std, persistent=False)
+        self.register_buffer("shift", (0.5 - mean) / std, persistent=False)
+
+    def freeze(self) -> None:
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> _FrozenBackbone:  # frozen: batch norm stays in eval mode
+        return super().train(False)
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
+class FeatureExtractor(_FrozenBackbone):
     """A frozen backbone truncated at the feature layers of the given input sizes.
 
     ``forward(x, size)`` takes images (B, 3, size, size) scaled to [-1, 1] (the autoencoder's range),
@@ -227,24 +305,14 @@ class FeatureExtractor(nn.Module):
     """
 
     def __init__(self, spec: BackboneSpec, model: nn.Module, sizes: tuple[int, ...]):
-        super().__init__()
-        self.spec = spec
+        super().__init__(spec)
         self.layer_of = {int(s): spec.layer_for(int(s)) for s in sizes}
         self.nets = nn.ModuleDict({layer: spec.truncate(model, layer) for layer in sorted(set(self.layer_of.values()))})
-        mean = torch.tensor(spec.preprocess.mean).view(1, 3, 1, 1)
-        std = torch.tensor(spec.preprocess.std).view(1, 3, 1, 1)
-        # [-1, 1] -> [0, 1] -> (x - mean) / std, folded into one affine map.
-        self.register_buffer("scale", 0.5 / std, persistent=False)
-        self.register_buffer("shift", (0.5 - mean) / std, persistent=False)
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> FeatureExtractor:  # frozen: batch norm stays in eval mode
-        return super().train(False)
+        self.freeze()
 
     def forward(self, x: torch.Tensor, size: int | None = None) -> torch.Tensor:
         size = int(x.shape[-1]) if size is None else int(size)
-        return self.nets[self.layer_of[size]](x * self.scale + self.shift)
+        return self.nets[self.layer_of[size]](self.preprocess(x))
 
 
 def build_backbone(
@@ -269,6 +337,12 @@ def build_backbone(
         bad = sorted(v for v in spec.layers.values() if v not in known)
         if bad:
             raise BackboneError(f"unknown {spec.name} feature layer(s) {bad}; expected one of {list(known)}")
+    return FeatureExtractor(spec, _pretrained_model(spec, weights, pretrained, download), tuple(sizes))
+
+
+def _pretrained_model(spec: BackboneSpec, weights: str | os.PathLike | None, pretrained: bool,
+                      download: bool) -> nn.Module:
+    """``spec``'s architecture with its pretrained weights loaded (random when not ``pretrained``)."""
     model = spec.architecture()
     if pretrained:
         file = resolve_weights(spec, weights, download=download)
@@ -277,4 +351,27 @@ def build_backbone(
             model.load_state_dict(spec.convert(state), strict=True)
         except Exception as exc:  # noqa: BLE001 - any unpickling or state-dict failure: an unusable file
             raise BackboneError(f"cannot load {spec.name} weights from {file}: {load_error_reason(exc)}") from exc
-    return FeatureExtractor(spec, model, tuple(sizes))
+    return model
+
+
+class Embedding(_FrozenBackbone):
+    """A frozen backbone's pooled image embedding: ``forward(x)`` takes (B, 3, H, W) images scaled to [-1, 1],
+    applies the backbone's preprocessing and returns (B, :attr:`dim`) float, the spatial mean of its last feature
+    map (H, W >= 32 px: every backbone here downsamples 32x). Always in eval mode; no gradient reaches its weights."""
+
+    def __init__(self, spec: BackboneSpec, model: nn.Module):
+        super().__init__(spec)
+        self.dim = spec.embed_dim
+        self.net = spec.embed(model)
+        self.freeze()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.preprocess(x)).mean(dim=(2, 3))
+
+
+def build_embedding(name: str, weights: str | os.PathLike | None = None, pretrained: bool = True,
+                    download: bool = False) -> Embedding:
+    """The frozen pooled embedding of backbone ``name`` (see :class:`Embedding`); weights as :func:`build_backbone`.
+    Raises :class:`BackboneError` for an unknown backbone or unusable weights."""
+    spec = backbone_spec(name)
+    return Embedding(spec, _pretrained_model(spec, weights, pretrained, download))
