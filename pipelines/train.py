@@ -48,6 +48,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int, help="save every K iterations (overrides the config)")
     parser.add_argument("--image-mpp", type=float,
                         help="µm/px of PNG/JPEG tiles, to resize them to the training magnification")
+    parser.add_argument("--contaminate", type=float, metavar="FRACTION",
+                        help="a contamination experiment: make FRACTION (e.g. 0.05) of the training pool known tumour "
+                             "tiles from --contaminate-from (sets data.contaminate; recorded in the checkpoint)")
+    parser.add_argument("--contaminate-from", type=Path, nargs="+", metavar="PATH", default=[],
+                        help="where the tumour tiles come from: stores (or folders of stores) of annotated tumour "
+                             "slides, their tiles inside a lesion of --annotations; or folders of PNG/JPEG tumour tiles")
+    parser.add_argument("--annotations", type=Path, metavar="DIR",
+                        help="ASAP XML lesion annotations (<slide id>.xml) of the --contaminate-from stores")
     parser.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -81,7 +89,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     data = apply_overrides(config.to_dict(), getattr(args, "overrides", []) or [])
     for attr, section, key in (("batch_size", "train", "batch_size"), ("device", "train", "device"),
                                ("seed", "train", "seed"), ("checkpoint_every", "train", "checkpoint_every"),
-                               ("image_mpp", "data", "image_mpp")):
+                               ("image_mpp", "data", "image_mpp"), ("contaminate", "data", "contaminate")):
         value = getattr(args, attr, None)
         if value is not None:
             data[section][key] = value
@@ -93,6 +101,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def run_train(args: argparse.Namespace) -> int:
     """Run ``wsi-ad train``; returns the exit status (0: trained or already complete). Raises
     :class:`wsi_ad.errors.WsiAdError` on bad input, which the CLI prints as one line."""
+    from wsi_ad.detectors.checkpoint import load_checkpoint
     from wsi_ad.detectors.loop import loss_paths, train
 
     config = config_from_args(args)
@@ -100,13 +109,17 @@ def run_train(args: argparse.Namespace) -> int:
     def echo(message: str) -> None:
         print(message, file=sys.stderr)
 
-    result = train(args.paths, args.out, config, progress=not args.no_progress, echo=echo, overwrite=args.overwrite)
+    result = train(args.paths, args.out, config, progress=not args.no_progress, echo=echo, overwrite=args.overwrite,
+                   contaminate_from=args.contaminate_from, annotations=args.annotations)
     csv_path, png_path = loss_paths(result.checkpoint)
+    contamination = load_checkpoint(result.checkpoint).get("contamination")
     print(json.dumps({
         "detector": config.detector, "checkpoint": str(result.checkpoint), "model_id": result.model_id,
         "iterations": result.iterations, "resumed_from": result.resumed_from, "complete": result.complete,
         "final_loss": result.final_loss, "seconds": round(result.seconds, 1), "loss_csv": str(csv_path),
         "loss_png": str(png_path) if png_path.exists() else None,  # no curve for a fit-only detector
+        "contamination": None if contamination is None else {
+            k: contamination[k] for k in ("fraction", "tumor_tiles", "normal_tiles", "obtained_fraction")},
     }, indent=2))
     return 0
 

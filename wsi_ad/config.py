@@ -6,7 +6,7 @@ every detector shares; unknown keys are an error (a typo must not silently fall 
     detector: dpa                 # a registered detector (wsi-ad detectors lists them)
     dpa:      {...}               # the detector's own section: its networks, losses, optimizers, schedule
     data:     {magnification: 10x, image_mpp: null, buffer_tiles: 65536, tiles_per_slide: null,
-               flips: true, rot90: false}
+               flips: true, rot90: false, contaminate: 0.0}
     train:    {batch_size: 128, seed: 0, checkpoint_every: 1000, log_every: 50, device: auto,
                amp: false, channels_last: true}
 
@@ -61,6 +61,9 @@ class DataSection:
     tiles_per_slide: int | None = None  # train on a seeded random sample of at most this many tiles per store
     flips: bool = True            # random horizontal and vertical flips
     rot90: bool = False           # random 90° rotations
+    #: fraction of the training pool made of known tumour tiles (a contamination experiment, see
+    #: :func:`wsi_ad.tile_pool.contamination_sources`); 0 = normal tiles only
+    contaminate: float = 0.0
 
     def validate(self) -> None:
         if self.buffer_tiles < 1:
@@ -69,6 +72,8 @@ class DataSection:
             raise ConfigError(f"data.image_mpp must be a positive µm/px (or null), got {self.image_mpp}")
         if self.tiles_per_slide is not None and self.tiles_per_slide < 1:
             raise ConfigError(f"data.tiles_per_slide must be >= 1 (or null for all), got {self.tiles_per_slide}")
+        if not 0.0 <= self.contaminate < 1.0:
+            raise ConfigError(f"data.contaminate must be a fraction in [0, 1), got {self.contaminate}")
 
 
 @dataclass
@@ -227,11 +232,20 @@ RUNTIME_KEYS = {("train", "checkpoint_every"), ("train", "log_every"), ("train",
                 ("detector", "backbone_weights"), ("detector", "download_weights")}
 
 
+#: Keys added after models were trained and stored, with the value every earlier model had: left out of the
+#: identity at that value, so the model ids (``scores/<model_id>`` in slide stores) of earlier models stay valid.
+ADDED_KEYS = {("data", "contaminate"): 0.0}
+
+
 def training_identity(config: Config) -> dict[str, Any]:
-    """The config without its runtime-only keys: two runs with equal identities compute the same model."""
+    """The config without its runtime-only keys (and :data:`ADDED_KEYS` at their earlier value): two runs with
+    equal identities compute the same model."""
     data = config.to_dict()
     for section, key in RUNTIME_KEYS:
         data[config.detector if section == "detector" else section].pop(key, None)
+    for (section, key), earlier in ADDED_KEYS.items():
+        if data[section].get(key) == earlier:
+            del data[section][key]
     return data
 
 

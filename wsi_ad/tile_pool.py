@@ -10,6 +10,7 @@ function of (seed, iteration), which makes a resumed run sample exactly what the
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +41,11 @@ class StoreSource:
 
     ``max_tiles``: serve only a random sample of at most this many of the store's tiles (drawn once from
     ``seed`` and the store's name, kept in slide order), e.g. the paper's N normal tiles per slide.
+    ``indices``: serve exactly these tiles (sorted tile indices; overrides ``max_tiles``).
     """
 
     def __init__(self, path: str | os.PathLike, magnification: str, size: int, max_tiles: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, indices: np.ndarray | None = None):
         self.path = Path(path)
         tiles = SlideStore.open(self.path).require("tiles")
         if magnification not in tiles:
@@ -55,8 +57,8 @@ class StoreSource:
             raise DataError(f"{self.path}: tiles/{magnification} are {self.array.shape[1]} px, "
                             f"smaller than the model input {size} px")
         n = int(self.array.shape[0])
-        self.indices = None
-        if max_tiles is not None and max_tiles < n:
+        self.indices = None if indices is None else np.sort(np.asarray(indices, dtype=np.int64))
+        if indices is None and max_tiles is not None and max_tiles < n:
             name_key = int.from_bytes(self.path.name.encode()[:16].ljust(16, b"\0"), "little")
             rng = np.random.default_rng([seed, 0x5A1, name_key])
             self.indices = np.sort(rng.choice(n, size=max_tiles, replace=False))
@@ -143,6 +145,99 @@ def discover_sources(
     if not sources:
         raise DataError("no training tiles found in " + ", ".join(str(p) for p in paths))
     return sources
+
+
+@dataclass
+class Contamination:
+    """Known tumour tiles mixed into a training pool (:func:`contamination_sources`): ``sources`` to add to the
+    pool's, and ``record`` (JSON-able: the fraction asked for and obtained, the tile counts, where every tumour tile
+    came from), which the training loop writes into the checkpoint."""
+
+    sources: list
+    record: dict
+
+
+def contamination_sources(
+    fraction: float, normal_tiles: int, paths: list[str | os.PathLike], annotations: str | os.PathLike | None,
+    magnification: str = "10x", size: int = 64, image_mpp: float | None = None, seed: int = 0,
+) -> Contamination:
+    """Tumour tiles that make ``fraction`` of a training pool of ``normal_tiles`` normal tiles: n =
+    max(1, round(fraction * normal_tiles / (1 - fraction))) tiles drawn without replacement (seeded by ``seed``)
+    from the candidates of ``paths``:
+
+    - slide stores (or folders of stores) of annotated tumour slides: their tiles whose whole level-0 footprint lies
+      inside a lesion of ``annotations/<slide id>.xml`` (ASAP XML; label 1 of :func:`wsi_ad.metrics.tile_labels`,
+      the tiles the tile AUC counts as tumour);
+    - PNG/JPEG files, or folders of them (e.g. an anomalib dataset's ``test/tumor``): every file is a tumour tile.
+
+    The pool samples tiles uniformly, so a training batch holds ``fraction`` tumour tiles on average (the paper
+    protocol of IGD's contamination experiment, Chen et al. AAAI 2022, Table 7). Raises :class:`DataError` when
+    ``fraction`` is not in (0, 1), when there are fewer candidates than n (naming how many there are and the
+    largest fraction they allow) or when a store has no annotation file.
+    """
+    from wsi_ad.tuning import TuneError, anomaly_tiles
+
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"the contamination fraction must be in (0, 1), got {fraction}")
+    if not paths:
+        raise DataError(f"a contamination of {fraction:g} needs tumour tiles: give annotated tumour slide stores or "
+                        "tumour tile images (--contaminate-from)")
+    from wsi_ad.slide import magnification_to_mpp
+
+    stores: list[Path] = []
+    images: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise DataError(f"{path}: no such file or folder (tumour tiles for the contamination)")
+        if is_store_path(path):
+            stores.append(path)
+        elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            images.append(path)
+        elif path.is_dir() and stores_in(path):
+            stores += stores_in(path)
+        elif path.is_dir() and visible_files(path, IMAGE_SUFFIXES):
+            images += visible_files(path, IMAGE_SUFFIXES)
+        else:
+            raise DataError(f"{path}: not a slide store, a folder of stores or PNG/JPEG tumour tiles")
+    candidates: list[tuple[int, int]] = []        # (store index or -1 for an image, tile index or image index)
+    summary: list[dict] = []
+    if stores:
+        if annotations is None:
+            raise DataError("tumour tiles of slide stores are those inside their lesion annotations: give the folder "
+                            "of ASAP XML files (--annotations DIR)")
+        try:
+            selection = anomaly_tiles(stores, annotations, max_tiles=None, seed=seed)
+        except TuneError as exc:
+            raise DataError(f"contamination: {exc}") from None
+        for s, idx in enumerate(selection.sample.indices):
+            candidates += [(s, int(i)) for i in idx]
+        summary = [{k: d[k] for k in ("slide_id", "store", "annotations", "tumor_tiles")} for d in selection.summary]
+    candidates += [(-1, i) for i in range(len(images))]
+    needed = max(1, round(fraction * normal_tiles / (1.0 - fraction)))
+    if len(candidates) < needed:
+        most = len(candidates) / (len(candidates) + normal_tiles)
+        raise DataError(f"a contamination of {fraction:g} of {normal_tiles} normal tiles needs {needed} tumour tiles; "
+                        f"only {len(candidates)} are available (at most {most:.4g} with these)")
+    rng = np.random.default_rng([int(seed), 0xC0, needed])
+    picks = [candidates[i] for i in np.sort(rng.choice(len(candidates), size=needed, replace=False))]
+    sources: list = []
+    for s, store in enumerate(stores):
+        chosen = np.array([i for k, i in picks if k == s], dtype=np.int64)
+        summary[s]["used"] = int(len(chosen))
+        if len(chosen):
+            sources.append(StoreSource(store, magnification, size, indices=chosen))
+    chosen_images = [images[i] for k, i in picks if k == -1]
+    if chosen_images:
+        scale = image_mpp / magnification_to_mpp(magnification) if image_mpp else None
+        sources.append(ImageFolderSource(chosen_images, size, scale))
+    if images:
+        folders = sorted({str(f.parent) for f in images})
+        summary.append({"images": len(images), "folders": folders, "used": len(chosen_images)})
+    record = {"fraction": float(fraction), "normal_tiles": int(normal_tiles), "tumor_tiles": int(needed),
+              "obtained_fraction": needed / (needed + normal_tiles), "available_tumor_tiles": len(candidates),
+              "annotations": None if annotations is None else str(annotations), "seed": int(seed), "sources": summary}
+    return Contamination(sources, record)
 
 
 def augment(batch: np.ndarray, rng: np.random.Generator, flips: bool = True, rot90: bool = False) -> np.ndarray:

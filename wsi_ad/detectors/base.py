@@ -72,9 +72,9 @@ class Detector(ABC):
     ``default_search_space`` (a search-space mapping, see :mod:`wsi_ad.tuning`).
 
     Lifecycle in training: ``__init__`` builds the networks (seeded by the loop), :meth:`fit` runs once on
-    normal tiles before the first step (statistics, memory banks), then :meth:`train_step` for steps
-    ``0 .. num_steps - 1``; :meth:`state_dict` / :meth:`training_state_dict` are checkpointed and restored
-    with :meth:`load_state_dict`, after which training resumes with identical results. In scoring:
+    normal tiles before the first step (statistics, memory banks), then :meth:`before_step` and
+    :meth:`train_step` for steps ``0 .. num_steps - 1``; :meth:`state_dict` / :meth:`training_state_dict` are
+    checkpointed and restored with :meth:`load_state_dict`, after which training resumes with identical results. In scoring:
     ``__init__``, :meth:`load_state_dict`, :meth:`eval`, then :meth:`score_batch`.
     """
 
@@ -141,6 +141,12 @@ class Detector(ABC):
     def fit(self, pool: TilePool) -> None:  # noqa: B027 - optional hook, nothing to do by default
         """Prepare from normal tiles before the first training step (``pool.sample(n)`` gives (n, S, S, 3)
         uint8 tiles): measure statistics, build a memory bank. Not called on resume (the state has it)."""
+
+    def before_step(self, pool: TilePool, step: int) -> None:  # noqa: B027 - optional hook
+        """Called before every :meth:`train_step` (also the first one after a resume) with the training pool:
+        a detector that re-estimates statistics from the normal tiles during training (an EM algorithm's E-step)
+        does it here, when ``step`` is one of its estimation steps, as a pure function of its weights and
+        ``pool`` (so that a resumed run repeats it). Values worth a curve go in :meth:`train_step`'s return."""
 
     def train_step(self, tiles: torch.Tensor, step: int) -> dict[str, float]:
         """One optimisation step on ``tiles`` (B, 3, S, S) float32 in [-1, 1], B = ``batches_per_step`` x

@@ -11,6 +11,8 @@ Contents (tensors, numbers, strings, lists and dicts only), format 2::
     iteration         training steps done (the next one to run)
     complete          bool: every step ran
     history           {"iteration": [...], "phase": [...], "tiles_per_s": [...], <loss name>: [...], ...}
+    contamination     None, or what a contamination experiment mixed into the training tiles (config
+                      data.contaminate > 0; wsi_ad.tile_pool.contamination_sources: fraction, tile counts, sources)
 
 Format 1 (wsi-ad before the detector interface, always the DPA) is read and upgraded on load
 (:func:`wsi_ad.detectors.dpa.config.upgrade_format1`): its config becomes the ``dpa`` section with the ``shallow`` network.

@@ -33,7 +33,7 @@ from wsi_ad.detectors import build, get
 from wsi_ad.detectors.base import TrainingDivergedError
 from wsi_ad.detectors.checkpoint import CheckpointError, load_checkpoint, model_id, save_checkpoint
 from wsi_ad.device import select_device
-from wsi_ad.tile_pool import TilePool, augment, discover_sources, to_tensor
+from wsi_ad.tile_pool import DataError, TilePool, augment, contamination_sources, discover_sources, to_tensor
 
 #: The history columns every run has; the detector's named losses follow them.
 HISTORY_KEYS = ("iteration", "phase", "tiles_per_s")
@@ -116,6 +116,8 @@ def train(
     echo: Callable[[str], None] = print,
     stop_after: int | None = None,
     overwrite: bool = False,
+    contaminate_from: Sequence[str | os.PathLike] | None = None,
+    annotations: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train the detector of ``config`` (default: the paper's DPA) on the normal tiles of ``paths`` (slide
     stores, folders of stores, folders of PNG/JPEG tiles) and write the checkpoint ``out``, resuming it if
@@ -123,6 +125,10 @@ def train(
 
     ``stop_after``: stop (with a checkpoint) once this many steps are done, as if killed there.
     ``overwrite``: discard an existing checkpoint instead of resuming it.
+    ``contaminate_from``, ``annotations``: where the known tumour tiles of a contamination experiment come from
+    (``data.contaminate`` > 0; annotated tumour slide stores or tumour tile images, see
+    :func:`~wsi_ad.tile_pool.contamination_sources`); what was mixed in is written into the checkpoint
+    (``contamination``).
     Raises :class:`~wsi_ad.detectors.checkpoint.CheckpointError` when ``out`` holds a checkpoint of another
     configuration, :class:`~wsi_ad.tile_pool.DataError` for unusable training data.
     """
@@ -155,10 +161,23 @@ def train(
 
     sources = discover_sources(paths, config.data.magnification, spec.tile_px, config.data.image_mpp,
                                tiles_per_slide=config.data.tiles_per_slide, seed=config.train.seed)
+    contamination = None
+    if config.data.contaminate > 0:
+        contamination = contamination_sources(
+            config.data.contaminate, sum(len(s) for s in sources), list(contaminate_from or []), annotations,
+            config.data.magnification, spec.tile_px, config.data.image_mpp, config.train.seed)
+        sources = sources + contamination.sources
+    elif contaminate_from:
+        raise DataError("tumour tiles to mix in were given but the contamination fraction is 0 "
+                        "(--contaminate FRACTION, or data.contaminate in the config)")
     torch.manual_seed(config.train.seed)
     detector = build(config, device)
     pool = TilePool(sources, config.data.buffer_tiles, config.train.seed)
     echo(f"training {config.detector} on {pool.total} tiles from {len(sources)} source(s), {total} iterations on {device}")
+    if contamination is not None:
+        record = contamination.record
+        echo(f"contamination: {record['tumor_tiles']} known tumour tiles mixed into {record['normal_tiles']} normal "
+             f"ones ({record['obtained_fraction']:.2%} of the pool)")
 
     if resume is not None:
         detector.load_state_dict(resume["state"], resume.get("training_state"))
@@ -176,7 +195,8 @@ def train(
     def payload(complete: bool) -> dict:
         return {"wsi_ad_version": __version__, "detector": config.detector, "config": config.to_dict(),
                 "state": detector.state_dict(), "training_state": None if complete else detector.training_state_dict(),
-                "iteration": iteration, "complete": complete, "history": history}
+                "iteration": iteration, "complete": complete, "history": history,
+                "contamination": None if contamination is None else contamination.record}
 
     from tqdm.auto import tqdm
 
@@ -197,6 +217,7 @@ def train(
             tiles = augment(pool.batch(iteration, tiles_per_step), rng, config.data.flips, config.data.rot90)
             phase = detector.phase(iteration)
             try:
+                detector.before_step(pool, iteration)
                 values = detector.train_step(to_tensor(tiles, device), iteration)
             except TrainingDivergedError as exc:       # the detector's own guard (e.g. an exploding loss)
                 raise _diverged(out, iteration, str(exc), last_finite) from None
