@@ -88,6 +88,13 @@ def evaluate(model: Path, data: dict) -> dict:
     return tile_auc(tumor, normal)
 
 
+def write_report(report: dict, out: Path) -> None:
+    """Print ``report`` as JSON and write it to ``out`` atomically."""
+    text = json.dumps(report, indent=2)
+    write_text_atomic(out, text + "\n")
+    print(text)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, help="keep slides, stores and models here (default: a temporary folder)")
@@ -139,9 +146,7 @@ def main() -> int:
         "prepare_seconds": round(prepare_s, 1),
         "detectors": detectors,
     }
-    text = json.dumps(report, indent=2)
-    write_text_atomic(args.out, text + "\n")
-    print(text)
+    write_report(report, args.out)
     return 0
 
 

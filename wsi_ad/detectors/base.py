@@ -13,7 +13,8 @@ first; ``S`` = :attr:`InputSpec.tile_px`) on the detector's device. A detector t
 (e.g. ImageNet normalisation, another size) converts inside its own methods.
 
 Writing one: subclass :class:`Detector`, give it a config dataclass (its own YAML section, with a
-``validate()`` that raises :class:`~wsi_ad.config.ConfigError`), implement the abstract methods and
+``validate()`` that raises :class:`~wsi_ad.config.ConfigError`; ``image_size`` and ``iterations`` keys give the
+default :meth:`~Detector.input_spec_of` and :meth:`~Detector.num_steps_of`), implement the abstract methods and
 register it (:func:`wsi_ad.detectors.register`).
 """
 
@@ -94,9 +95,10 @@ class Detector(ABC):
     # -- what it expects -------------------------------------------------------------------------------
 
     @classmethod
-    @abstractmethod
     def input_spec_of(cls, config: Config) -> InputSpec:
-        """The tiles a detector of ``config`` expects (without building it)."""
+        """The tiles a detector of ``config`` expects (without building it); by default its section's
+        ``image_size`` px at ``data.magnification``."""
+        return InputSpec(int(config.section.image_size), config.data.magnification)
 
     @property
     def input_spec(self) -> InputSpec:
@@ -104,8 +106,9 @@ class Detector(ABC):
 
     @classmethod
     def num_steps_of(cls, config: Config) -> int:
-        """Training steps of a detector of ``config``; 0 for fit-only methods."""
-        return 0
+        """Training steps of a detector of ``config``: by default its section's ``iterations``; 0 (fit-only) when
+        the section has none."""
+        return int(getattr(config.section, "iterations", 0))
 
     @property
     def num_steps(self) -> int:

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from wsi_ad.detectors.base import Detector, InputSpec
+from wsi_ad.detectors.base import Detector
 from wsi_ad.detectors.dpa.config import DPAConfig
 from wsi_ad.detectors.dpa.networks import build_autoencoder
 from wsi_ad.detectors.dpa.schedule import Phase, flat_phases, loss_sizes, phase_loss, progressive_phases, resize_batch
@@ -97,10 +97,6 @@ class DPA(Detector):
             start += phase.iterations
 
     # -- what it expects ------------------------------------------------------------------------------
-
-    @classmethod
-    def input_spec_of(cls, config) -> InputSpec:
-        return InputSpec(config.section.image_size, config.data.magnification)
 
     @classmethod
     def num_steps_of(cls, config) -> int:

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsi_ad.detectors.base import Detector, InputSpec
+from wsi_ad.detectors.base import Detector
 from wsi_ad.detectors.igd.config import IGDConfig
 from wsi_ad.detectors.igd.losses import estimate_center, estimate_sigma2, gac_loss, reconstruction_loss
 from wsi_ad.detectors.igd.networks import GlobalCritic, GlobalDecoder, LocalCritic, LocalDecoder
@@ -124,14 +124,6 @@ class IGD(Detector):
         self._steps_done = 0
 
     # -- what it expects ------------------------------------------------------------------------------
-
-    @classmethod
-    def input_spec_of(cls, config) -> InputSpec:
-        return InputSpec(config.section.image_size, config.data.magnification)
-
-    @classmethod
-    def num_steps_of(cls, config) -> int:
-        return int(config.section.iterations)
 
     @property
     def patches_per_tile(self) -> int:

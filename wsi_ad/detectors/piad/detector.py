@@ -43,7 +43,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from wsi_ad.detectors.base import Detector, InputSpec, TrainingDivergedError
+from wsi_ad.detectors.base import Detector, TrainingDivergedError
 from wsi_ad.detectors.piad.config import PIADConfig
 from wsi_ad.detectors.piad.losses import GradientNormBalancer, critic_loss, generator_adversarial, weight_gradient_norms
 from wsi_ad.detectors.piad.networks import LatentCritic, Residual9Encoder, Residual9Generator
@@ -100,14 +100,6 @@ class PIAD(Detector):
         self._steps_done = 0
 
     # -- what it expects ------------------------------------------------------------------------------
-
-    @classmethod
-    def input_spec_of(cls, config) -> InputSpec:
-        return InputSpec(config.section.image_size, config.data.magnification)
-
-    @classmethod
-    def num_steps_of(cls, config) -> int:
-        return int(config.section.iterations)
 
     @property
     def batches_per_step(self) -> int:
