@@ -180,6 +180,10 @@ def test_contamination_mixes_known_tumour_tiles_and_is_recorded(scored_setting, 
     other = Config.from_dict({**config.to_dict(), "data": {**config.to_dict()["data"], "contaminate": 0.05}})
     with pytest.raises(CheckpointError, match="differs in data.contaminate"):
         train(stores, tmp_path / "c.pt", other, contaminate_from=tumour, annotations=annotations, **QUIET)
+    # a store named twice (by two spellings of its path) is one source: the same draw as once
+    twice = [*tumour, scored_setting["tumor_store"].parent / ".." / "stores" / "tumor_103.zarr"]
+    again = train(stores, tmp_path / "c2.pt", config, contaminate_from=twice, annotations=annotations, **QUIET)
+    assert load_checkpoint(again.checkpoint)["contamination"] == record and again.model_id == result.model_id
     # a model trained without contamination keeps the id it had before the key existed
     assert "contaminate" not in training_identity(Config.from_dict(TINY))["data"]
 
@@ -196,12 +200,22 @@ def test_contamination_mixes_known_tumour_tiles_and_is_recorded(scored_setting, 
     small = Config.from_dict({**config.to_dict(), "data": {**config.to_dict()["data"], "contaminate": 0.01}})
     assert train(stores, tmp_path / "i.pt", small, contaminate_from=[images], **QUIET).complete
     assert load_checkpoint(tmp_path / "i.pt")["contamination"]["sources"][-1]["images"] == 3
+    stopped = train(stores, tmp_path / "r.pt", small, contaminate_from=[images], stop_after=1, **QUIET)
+    assert not stopped.complete                                         # resuming with other tumour tiles is refused
+    with pytest.raises(CheckpointError, match="other contamination tiles"):
+        train(stores, tmp_path / "r.pt", small, contaminate_from=tumour, annotations=annotations, **QUIET)
+    anomalib = tmp_path / "dataset"
+    shutil.copytree(images, anomalib / "train" / "good")               # an anomalib root holds normal tiles too
+    with pytest.raises(DataError, match="anomalib 'good' folder"):
+        train(stores, tmp_path / "x.pt", small, contaminate_from=[anomalib], **QUIET)
     with pytest.raises(DataError, match="--annotations DIR"):
         train(stores, tmp_path / "x.pt", config, contaminate_from=tumour, **QUIET)
     with pytest.raises(DataError, match="needs tumour tiles"):
         train(stores, tmp_path / "x.pt", config, **QUIET)
     with pytest.raises(DataError, match="fraction is 0"):
         train(stores, tmp_path / "x.pt", Config.from_dict(TINY), contaminate_from=tumour, **QUIET)
+    with pytest.raises(DataError, match="fraction is 0"):
+        train(stores, tmp_path / "x.pt", Config.from_dict(TINY), annotations=annotations, **QUIET)
 
 
 def test_an_igd_checkpoint_goes_through_train_and_score_commands_with_maps(scored_setting, tmp_path, capsys):

@@ -173,7 +173,10 @@ def contamination_sources(
     The pool samples tiles uniformly, so a training batch holds ``fraction`` tumour tiles on average (the paper
     protocol of IGD's contamination experiment, Chen et al. AAAI 2022, Table 7). Raises :class:`DataError` when
     ``fraction`` is not in (0, 1), when there are fewer candidates than n (naming how many there are and the
-    largest fraction they allow) or when a store has no annotation file.
+    largest fraction they allow), when a store has no annotation file, or when a folder holds an anomalib
+    ``good`` folder (normal tiles). A store or image reached twice (named twice, or itself and its folder) counts
+    once. ``record["sources"]`` has, per store, its slide id, resolved path, annotation file, tumour tiles and how
+    many were drawn; for images, their count, folders and how many were drawn.
     """
     from wsi_ad.tuning import TuneError, anomaly_tiles
 
@@ -197,15 +200,24 @@ def contamination_sources(
         elif path.is_dir() and stores_in(path):
             stores += stores_in(path)
         elif path.is_dir() and visible_files(path, IMAGE_SUFFIXES):
-            images += visible_files(path, IMAGE_SUFFIXES)
+            found = visible_files(path, IMAGE_SUFFIXES)
+            normal = sorted({str(f.parent) for f in found if "good" in f.relative_to(path).parts[:-1]})
+            if normal:
+                raise DataError(f"{path}: holds normal tiles ({normal[0]}, an anomalib 'good' folder); name the "
+                                "folder of tumour tiles itself (e.g. DATASET/test/tumor)")
+            images += found
         else:
             raise DataError(f"{path}: not a slide store, a folder of stores or PNG/JPEG tumour tiles")
+    # a store or an image named twice (or through its folder and itself) is one candidate, never two
+    stores = list(dict((s.resolve(), s.resolve()) for s in stores).values())
+    images = list(dict((f.resolve(), f.resolve()) for f in images).values())
     candidates: list[tuple[int, int]] = []        # (store index or -1 for an image, tile index or image index)
     summary: list[dict] = []
     if stores:
         if annotations is None:
             raise DataError("tumour tiles of slide stores are those inside their lesion annotations: give the folder "
                             "of ASAP XML files (--annotations DIR)")
+        annotations = Path(annotations).resolve()
         try:
             selection = anomaly_tiles(stores, annotations, max_tiles=None, seed=seed)
         except TuneError as exc:

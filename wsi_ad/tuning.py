@@ -457,7 +457,8 @@ def anomaly_tiles(tumor_stores: Sequence[str | os.PathLike], annotations_dir: st
         raise TuneError("no anomaly (tumour) stores given")
     annotations_dir = Path(annotations_dir)
     if not annotations_dir.is_dir():
-        raise TuneError(f"{annotations_dir}: annotations folder not found (ASAP XML <slide_id>.xml files)")
+        what = "is a file, not the annotations folder" if annotations_dir.exists() else "annotations folder not found"
+        raise TuneError(f"{annotations_dir}: {what} (ASAP XML <slide_id>.xml files)")
     pool: list[tuple[int, int]] = []
     summary = []
     for s, store in enumerate(stores):

@@ -167,9 +167,14 @@ def train(
             config.data.contaminate, sum(len(s) for s in sources), list(contaminate_from or []), annotations,
             config.data.magnification, spec.tile_px, config.data.image_mpp, config.train.seed)
         sources = sources + contamination.sources
-    elif contaminate_from:
-        raise DataError("tumour tiles to mix in were given but the contamination fraction is 0 "
-                        "(--contaminate FRACTION, or data.contaminate in the config)")
+        if resume is not None and resume.get("contamination") != contamination.record:
+            raise CheckpointError(
+                f"{out} was trained with other contamination tiles ({_contamination_summary(resume.get('contamination'))}"
+                f"; now {_contamination_summary(contamination.record)}); give the same --contaminate-from and "
+                "--annotations, or --overwrite to start afresh")
+    elif contaminate_from or annotations:
+        raise DataError("tumour tiles to mix in were given (--contaminate-from / --annotations) but the contamination "
+                        "fraction is 0 (--contaminate FRACTION, or data.contaminate in the config)")
     torch.manual_seed(config.train.seed)
     detector = build(config, device)
     pool = TilePool(sources, config.data.buffer_tiles, config.train.seed)
@@ -261,6 +266,13 @@ def train(
     final = load_checkpoint(out)
     return TrainResult(out, model_id(final), iteration, start_iteration, not stopped, _last_loss(history),
                        time.perf_counter() - t0)
+
+
+def _contamination_summary(record: dict | None) -> str:
+    if not record:
+        return "none"
+    where = ", ".join(str(src.get("slide_id") or f"{src.get('images')} images") for src in record["sources"])
+    return f"{record['tumor_tiles']} tumour tiles from {where}"
 
 
 def _diverged(out: Path, iteration: int, what: str, last_finite) -> TrainingDivergedError:

@@ -263,7 +263,11 @@ def resolve_weights(spec: BackboneSpec, path: str | os.PathLike | None = None, d
         return file
     if download:
         file.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(source.url, str(file), progress=True)
+        try:
+            torch.hub.download_url_to_file(source.url, str(file), progress=True)
+        except OSError as exc:        # urllib's URLError (no network, unknown host) is an OSError
+            raise BackboneError(f"cannot download {spec.name} weights from {source.url}: {load_error_reason(exc)}; "
+                                f"put the file at {file} or give it with --backbone-weights PATH") from exc
         return file
     raise BackboneError(
         f"{spec.name} ImageNet weights not found at {file}. Download {source.url} into {file.parent}, "

@@ -93,7 +93,8 @@ class IGD(Detector):
     score_units = ("IGD score: weighted MS-SSIM/MAE reconstruction loss and Gaussian-classifier loss "
                    "(unitless, 0 to about 1, higher = more anomalous)")
     map_reduction = ("per local-stride cell: score_local_weight x the highest local-patch score among the patches "
-                     "covering it + (1 - score_local_weight) x the tile's global score (map max = tile score)")
+                     "covering it + (1 - score_local_weight) x the tile's global score (map max = tile score); "
+                     "without the local model, one cell holding the global score")
     search_parameters: ClassVar[dict[str, str]] = {
         "latent_dim": "latent_dim", "lr": "lr", "iterations": "iterations", "estep_every": "estep_every",
         "inter_weight": "inter_weight", "msssim_weight": "msssim_weight", "local": "local", "backbone": "backbone",
