@@ -127,7 +127,7 @@ def test_config_files_load_and_the_paper_config_is_the_default(tmp_path):
         Config.from_dict({"dpa": {"layers": {64: "block7"}}})
     with pytest.raises(ConfigError, match="no shipped|ImageNet statistics"):   # none ship for efficientnet_lite0
         Config.from_dict({"dpa": {"backbone": "efficientnet_lite0"}})
-    with pytest.raises(ConfigError, match="unknown detector 'nope'.*registered: dpa"):
+    with pytest.raises(ConfigError, match="unknown detector 'nope'; registered: .*dpa"):
         Config.from_dict({"detector": "nope"})
     with pytest.raises(ConfigError, match="unknown config section.*'model'"):
         Config.from_dict({"detector": "dpa", "model": {}})

@@ -8,7 +8,8 @@ group ``wsi_ad.detectors`` (``name = "package.module"``), or the environment var
 ``WSI_AD_DETECTORS`` lists modules to import (comma-separated; Dask workers started from that
 environment import them too).
 
-Built-in: ``dpa`` (:mod:`wsi_ad.detectors.dpa`), ``piad`` (:mod:`wsi_ad.detectors.piad`), ``igd`` (:mod:`wsi_ad.detectors.igd`).
+Built-in: ``dpa`` (:mod:`wsi_ad.detectors.dpa`), ``piad`` (:mod:`wsi_ad.detectors.piad`), ``igd``
+(:mod:`wsi_ad.detectors.igd`), ``ae`` (:mod:`wsi_ad.detectors.ae`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
     from wsi_ad.config import Config
 
 #: Built-in detectors: name -> module that registers it when imported.
-BUILTIN = {"dpa": "wsi_ad.detectors.dpa", "piad": "wsi_ad.detectors.piad", "igd": "wsi_ad.detectors.igd"}
+BUILTIN = {"dpa": "wsi_ad.detectors.dpa", "piad": "wsi_ad.detectors.piad", "igd": "wsi_ad.detectors.igd",
+           "ae": "wsi_ad.detectors.ae"}
 ENTRY_POINT_GROUP = "wsi_ad.detectors"
 ENV_VAR = "WSI_AD_DETECTORS"
 
