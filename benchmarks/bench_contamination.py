@@ -35,13 +35,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_detectors import SIZE_PX, TEST_NORMAL, TEST_TUMOR, TRAIN, evaluate, make_data, write_report  # noqa: E402
+from bench_detectors import SIZE_PX, TEST_NORMAL, TEST_TUMOR, TRAIN, evaluate, make_data, named_configs, write_report  # noqa: E402
 
 from pipelines.process import process_paths  # noqa: E402
 from wsi_ad.annotations import write_asap_xml  # noqa: E402
 from wsi_ad.config import Config  # noqa: E402
 from wsi_ad.detectors import get  # noqa: E402
-from wsi_ad.detectors.checkpoint import load_checkpoint  # noqa: E402
 from wsi_ad.detectors.loop import train  # noqa: E402
 from wsi_ad.preprocess import PreprocessConfig  # noqa: E402
 from wsi_ad.synth import synthesize_slide  # noqa: E402
@@ -74,9 +73,7 @@ def main() -> int:
                         help="tumour fractions of the training pool (default: 0 0.05 0.10)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
     args = parser.parse_args()
-    configs = dict(DEFAULT_CONFIGS)
-    if args.config:
-        configs = {name: Path(path) for name, path in (item.split("=", 1) for item in args.config)}
+    configs = named_configs(args.config, DEFAULT_CONFIGS)
     with tempfile.TemporaryDirectory() as temp:
         work = args.work or Path(temp)
         started = time.perf_counter()
@@ -96,11 +93,11 @@ def main() -> int:
                     model = work / "models" / f"{name}_c{fraction:g}_seed{seed}.pt"
                     model.parent.mkdir(parents=True, exist_ok=True)
                     t0 = time.perf_counter()
-                    train(data["train"], model, config, progress=False, echo=lambda *a: None, overwrite=True,
-                          contaminate_from=tumor_stores if fraction > 0 else None,
-                          annotations=annotations if fraction > 0 else None)
+                    result = train(data["train"], model, config, progress=False, echo=lambda *a: None, overwrite=True,
+                                   contaminate_from=tumor_stores if fraction > 0 else None,
+                                   annotations=annotations if fraction > 0 else None)
                     seconds = time.perf_counter() - t0
-                    record = load_checkpoint(model).get("contamination") or {}
+                    record = result.contamination or {}
                     metrics = evaluate(model, data)
                     runs.append({"seed": seed, "tile_auc": round(metrics["auc"], 4), "train_seconds": round(seconds, 1),
                                  "tumor_tiles_in_training": record.get("tumor_tiles", 0),

@@ -88,6 +88,13 @@ def evaluate(model: Path, data: dict) -> dict:
     return tile_auc(tumor, normal)
 
 
+def named_configs(items: list[str] | None, defaults: dict[str, Path]) -> dict[str, Path]:
+    """``--config NAME=YAML`` arguments as {name: path}; ``defaults`` when none were given."""
+    if not items:
+        return dict(defaults)
+    return {name: Path(path) for name, path in (item.split("=", 1) for item in items)}
+
+
 def write_report(report: dict, out: Path) -> None:
     """Print ``report`` as JSON and write it to ``out`` atomically."""
     text = json.dumps(report, indent=2)
@@ -103,9 +110,7 @@ def main() -> int:
                         help="a detector config to compare (repeatable; default: dpa and piad CPU settings)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
     args = parser.parse_args()
-    configs = dict(DEFAULT_CONFIGS)
-    if args.config:
-        configs = {name: Path(path) for name, path in (item.split("=", 1) for item in args.config)}
+    configs = named_configs(args.config, DEFAULT_CONFIGS)
     with tempfile.TemporaryDirectory() as temp:
         work = args.work or Path(temp)
         started = time.perf_counter()

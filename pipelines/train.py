@@ -101,7 +101,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def run_train(args: argparse.Namespace) -> int:
     """Run ``wsi-ad train``; returns the exit status (0: trained or already complete). Raises
     :class:`wsi_ad.errors.WsiAdError` on bad input, which the CLI prints as one line."""
-    from wsi_ad.detectors.checkpoint import load_checkpoint
     from wsi_ad.detectors.loop import loss_paths, train
 
     config = config_from_args(args)
@@ -112,7 +111,7 @@ def run_train(args: argparse.Namespace) -> int:
     result = train(args.paths, args.out, config, progress=not args.no_progress, echo=echo, overwrite=args.overwrite,
                    contaminate_from=args.contaminate_from, annotations=args.annotations)
     csv_path, png_path = loss_paths(result.checkpoint)
-    contamination = load_checkpoint(result.checkpoint).get("contamination")
+    contamination = result.contamination
     print(json.dumps({
         "detector": config.detector, "checkpoint": str(result.checkpoint), "model_id": result.model_id,
         "iterations": result.iterations, "resumed_from": result.resumed_from, "complete": result.complete,

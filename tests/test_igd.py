@@ -171,6 +171,7 @@ def test_contamination_mixes_known_tumour_tiles_and_is_recorded(scored_setting, 
     normal_tiles = sum(len(s) for s in discover_sources(stores, "10x", 64))
     result = train(stores, tmp_path / "c.pt", config, contaminate_from=tumour, annotations=annotations, **QUIET)
     record = load_checkpoint(result.checkpoint)["contamination"]
+    assert result.contamination == record                              # train() returns what it wrote
     assert record["fraction"] == 0.1 and record["normal_tiles"] == normal_tiles
     assert record["tumor_tiles"] == round(0.1 * normal_tiles / 0.9)
     assert record["obtained_fraction"] == pytest.approx(0.1, abs=0.01)

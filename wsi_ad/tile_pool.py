@@ -209,8 +209,8 @@ def contamination_sources(
         else:
             raise DataError(f"{path}: not a slide store, a folder of stores or PNG/JPEG tumour tiles")
     # a store or an image named twice (or through its folder and itself) is one candidate, never two
-    stores = list(dict((s.resolve(), s.resolve()) for s in stores).values())
-    images = list(dict((f.resolve(), f.resolve()) for f in images).values())
+    stores = list(dict.fromkeys(s.resolve() for s in stores))
+    images = list(dict.fromkeys(f.resolve() for f in images))
     candidates: list[tuple[int, int]] = []        # (store index or -1 for an image, tile index or image index)
     summary: list[dict] = []
     if stores:

@@ -48,6 +48,7 @@ class TrainResult:
     complete: bool
     final_loss: float | None
     seconds: float
+    contamination: dict | None = None  # what a contamination experiment mixed in (the checkpoint's record)
 
 
 def loss_paths(checkpoint: str | os.PathLike) -> tuple[Path, Path]:
@@ -157,7 +158,7 @@ def train(
         if resume["complete"]:
             echo(f"{out}: training already complete ({resume['iteration']} iterations)")
             return TrainResult(out, model_id(resume), int(resume["iteration"]), int(resume["iteration"]), True,
-                               _last_loss(resume["history"]), time.perf_counter() - t0)
+                               _last_loss(resume["history"]), time.perf_counter() - t0, resume.get("contamination"))
 
     sources = discover_sources(paths, config.data.magnification, spec.tile_px, config.data.image_mpp,
                                tiles_per_slide=config.data.tiles_per_slide, seed=config.train.seed)
@@ -265,7 +266,7 @@ def train(
         write_loss_curve(out, history, phase_marks)
     final = load_checkpoint(out)
     return TrainResult(out, model_id(final), iteration, start_iteration, not stopped, _last_loss(history),
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, final.get("contamination"))
 
 
 def _contamination_summary(record: dict | None) -> str:
