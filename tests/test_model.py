@@ -16,7 +16,7 @@ from wsi_ad.detectors.checkpoint import load_checkpoint, model_id, save_checkpoi
 from wsi_ad.detectors.dpa.networks import AutoencoderConfig
 from wsi_ad.detectors.dpa.schedule import loss_sizes, phase_loss, progressive_phases
 from wsi_ad.detectors.dpa.shallow import ShallowAutoencoder
-from wsi_ad.features.backbones import BackboneError, backbone_spec, build_backbone, list_backbones
+from wsi_ad.features.backbones import BackboneError, backbone_spec, build_backbone, build_multilayer, list_backbones
 from wsi_ad.features.perceptual import PerceptualLoss, feature_stats, imagenet_feature_stats, relative_l1
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -205,6 +205,13 @@ def test_backbone_registry_layers_and_frozen_weights(lite0):
     assert tuple(deep(torch.zeros(1, 3, 32, 32), 32).shape) == (1, 24, 8, 8)  # other sizes keep the registry's
     with pytest.raises(BackboneError, match="unknown efficientnet_lite0 feature layer.*relu4_2"):
         build_backbone("efficientnet_lite0", (64,), layers={64: "relu4_2"})
+    # several layers from one pass read the same maps as one truncated network each
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    both = build_multilayer("efficientnet_lite0", ("block4", "block2"))(x)
+    assert list(both) == ["block4", "block2"] and torch.equal(both["block4"], lite0(x, 64))
+    assert torch.equal(both["block2"], lite0(x, 32)) and tuple(both["block2"].shape) == (2, 24, 16, 16)
+    with pytest.raises(BackboneError, match="unknown resnet18 feature layer.*block2"):
+        build_multilayer("resnet18", ("block2",), pretrained=False)
 
 
 def test_vgg19_without_weights_says_how_to_provide_them(tmp_path, monkeypatch):

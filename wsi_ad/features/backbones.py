@@ -379,3 +379,48 @@ def build_embedding(name: str, weights: str | os.PathLike | None = None, pretrai
     Raises :class:`BackboneError` for an unknown backbone or unusable weights."""
     spec = backbone_spec(name)
     return Embedding(spec, _pretrained_model(spec, weights, pretrained, download))
+
+
+class MultiLayerFeatures(_FrozenBackbone):
+    """Several feature layers of a frozen backbone from one forward pass (PatchCore's mid-level ``layer2`` +
+    ``layer3``, Deep IF's concatenation of pooled layers).
+
+    ``forward(x)`` takes images (B, 3, H, W) scaled to [-1, 1], applies the backbone's preprocessing and returns a
+    dict {layer name: (B, C_layer, H / stride_layer, W / stride_layer) float} in the order of :attr:`layers`. Each
+    backbone's feature layers are prefixes of one sequence of stages, so the deepest one is run once and the others
+    are read on the way. Always in eval mode; no gradient reaches its weights.
+    """
+
+    def __init__(self, spec: BackboneSpec, model: nn.Module, layers: tuple[str, ...]):
+        super().__init__(spec)
+        self.layers = tuple(dict.fromkeys(layers))
+        ends = {layer: len(spec.truncate(model, layer)) for layer in self.layers}
+        deepest = max(self.layers, key=ends.get)
+        self.stages = spec.truncate(model, deepest)
+        #: Number of stages run before each layer's output is read.
+        self.ends = ends
+        self.freeze()
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, wanted = {}, {end: layer for layer, end in self.ends.items()}
+        x = self.preprocess(x)
+        for index, stage in enumerate(self.stages, start=1):
+            x = stage(x)
+            if index in wanted:
+                out[wanted[index]] = x
+            if len(out) == len(self.layers):
+                break
+        return {layer: out[layer] for layer in self.layers}
+
+
+def build_multilayer(name: str, layers: tuple[str, ...] | list[str], weights: str | os.PathLike | None = None,
+                     pretrained: bool = True, download: bool = False) -> MultiLayerFeatures:
+    """The frozen feature layers ``layers`` (names in :data:`LAYER_NAMES`) of backbone ``name`` from one pass (see
+    :class:`MultiLayerFeatures`); weights as :func:`build_backbone`. Raises :class:`BackboneError` for an unknown
+    backbone or layer, or unusable weights."""
+    spec = backbone_spec(name)
+    bad = [layer for layer in layers if layer not in LAYER_NAMES[spec.name]]
+    if bad or not layers:
+        raise BackboneError(f"unknown {spec.name} feature layer(s) {bad or '(none given)'}; "
+                            f"expected one or more of {list(LAYER_NAMES[spec.name])}")
+    return MultiLayerFeatures(spec, _pretrained_model(spec, weights, pretrained, download), tuple(layers))
