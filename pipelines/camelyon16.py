@@ -207,7 +207,7 @@ SLIDE_STATUSES = {
 }
 
 
-def evaluate_run(results: list[dict], layout: Camelyon16Layout) -> dict:
+def evaluate_run(results: list[dict], layout: Camelyon16Layout, roc: bool = False) -> dict:
     """Slide AUC, tile AUC and FROC of a scored run, with the whole reference as the denominator.
 
     Every row of ``reference.csv`` is evaluated, whatever happened to its slide (``SLIDE_STATUSES``): a slide
@@ -219,7 +219,8 @@ def evaluate_run(results: list[dict], layout: Camelyon16Layout) -> dict:
     lesion larger than an isolated-tumour-cell cluster) is ``None`` with a ``note`` saying why; it never stops
     the evaluation. Returns ``{"slide", "tile", "froc", "slides"}``; ``slides`` has one entry per reference row
     (``slide_id``, ``label``, ``metastasis``, ``status``, ``slide_score``, ``n_tiles``, ``n_tumor_tiles``,
-    ``n_lesions``, ``n_itc``, ``note``)."""
+    ``n_lesions``, ``n_itc``, ``note``). With ``roc``, ``tile`` also holds the tile ROC curve (``roc``: ``fpr``,
+    ``tpr``, at most 400 points)."""
     from wsi_ad.metrics import (
         DEFAULT_FROC_EXCLUDE,
         MetricsError,
@@ -285,6 +286,13 @@ def evaluate_run(results: list[dict], layout: Camelyon16Layout) -> dict:
         tile = {"auc": None, "note": f"undefined: {exc}", "n_tumor_tiles": n_pos,
                 "n_normal_tiles": sum(int(s.size) for s in normal_tiles.values()),
                 "n_tumor_slides": len(tumor_tiles), "n_normal_slides": len(normal_tiles)}
+    if roc and tile.get("auc") is not None:
+        from wsi_ad.metrics import roc_points
+
+        pos = np.concatenate([s[y == 1] for s, y in tumor_tiles.values()])
+        neg = np.concatenate(list(normal_tiles.values()))
+        points = roc_points(np.r_[np.ones(pos.size), np.zeros(neg.size)], np.r_[pos, neg], max_points=400)
+        tile["roc"] = {"fpr": points["fpr"], "tpr": points["tpr"]}
     tile["min_tumor_overlap"] = 1.0
     tile["slides_without_tiles"] = without
     try:

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipelines.compare import add_compare_arguments, run_compare
 from pipelines.evaluate import add_evaluate_arguments
 from pipelines.score import add_export_arguments, add_score_arguments, export_formats, run_score
 from pipelines.train import add_train_arguments, run_detectors, run_train
@@ -22,6 +23,19 @@ from wsi_ad import __version__
 from wsi_ad.errors import WsiAdError
 
 log = logging.getLogger("wsi_ad")
+
+COMPARE_GPU_HELP = """\
+examples:
+  wsi-ad synth DATA --normal 2 --tumor 2 --test 6 --size 8192    # or the real Camelyon16, laid out the same way
+  wsi-ad compare --data DATA --out CMP --seeds 3                 # every detector's CPU setting (minutes each)
+  wsi-ad compare --data DATA --out CMP --detectors dpa,knn --config dpa_adv_0.1=configs/ablations/dpa_adv_0.1_cpu.yaml
+
+paper scale, on a GPU machine (hours per detector and seed; VGG-19 / ResNet-18 ImageNet weights must be in the torch
+hub cache, e.g. run `wsi-ad train --download-weights` once where there is network, or name the files in the
+configs' backbone_weights):
+  wsi-ad compare --data CAMELYON16 --out CMP --configs paper --seeds 3 --device cuda [--tune]
+A run that stops (preempted job, time limit) resumes where it stopped when started again with the same --out.
+"""
 
 
 
@@ -125,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="weakly-supervised hyperparameter selection (a few anomalies of one kind)")
     add_tune_arguments(tune)
     tune.set_defaults(handler=run_tune)
+
+    compare = sub.add_parser(
+        "compare", help="several detectors on the same tiles, several seeds, one table (compare.md, ROC plot)",
+        description="Train every detector (its shipped cpu or paper config, or --config NAME=YAML rows) on the same "
+                    "normal tiles, score the same test tiles, N seeds each, and write OUT/compare.md, compare.json and "
+                    "roc.png: tile AUC mean ± std (slide AUC and FROC for slides), training time, scoring tiles/s and "
+                    "the DPA paper's published value beside each row that has one. A failing row is recorded in "
+                    "the table; a re-run reuses finished models and resumes interrupted ones.",
+        epilog=COMPARE_GPU_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_compare_arguments(compare)
+    compare.set_defaults(handler=run_compare)
 
     evaluate = sub.add_parser("evaluate", help="Camelyon16 protocol (slide AUC, tile AUC, FROC) or tile-folder AUC")
     add_evaluate_arguments(evaluate)

@@ -116,13 +116,20 @@ def slide_metrics(labels: str | Path, results: list[dict]) -> tuple[dict, dict[s
 
 def plot_roc(path: Path, fpr, tpr, *, label: str, title: str, xlabel: str, ylabel: str) -> Path:
     """Write a ROC curve (with the chance diagonal) as a PNG, atomically; returns ``path``."""
+    return plot_roc_curves(path, [(label, fpr, tpr)], title=title, xlabel=xlabel, ylabel=ylabel, size=4)
+
+
+def plot_roc_curves(path: Path, curves, *, title: str, xlabel: str, ylabel: str, size: float = 6) -> Path:
+    """Write ROC curves ``[(label, fpr, tpr), ...]`` (with the chance diagonal) as one PNG, atomically; returns
+    ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-    ax.plot(fpr, tpr, drawstyle="steps-post", label=label)
+    fig, ax = plt.subplots(figsize=(size, size), dpi=100)
+    for label, fpr, tpr in curves:
+        ax.plot(fpr, tpr, drawstyle="steps-post", label=label)
     ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title, xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize=8)

@@ -234,7 +234,9 @@ RUNTIME_KEYS = {("train", "checkpoint_every"), ("train", "log_every"), ("train",
 
 #: Keys added after models were trained and stored, with the value every earlier model had: left out of the
 #: identity at that value, so the model ids (``scores/<model_id>`` in slide stores) of earlier models stay valid.
-ADDED_KEYS = {("data", "contaminate"): 0.0}
+ADDED_KEYS = {("data", "contaminate"): 0.0, ("dpa", "loss"): "perceptual", ("dpa", "l1_weight"): 0.0,
+              ("dpa", "adversarial_weight"): 0.0, ("dpa", "critic_channels"): [4, 4, 4, 4, 4], ("dpa", "n_critic"): 2,
+              ("dpa", "critic_lr"): 0.0002}
 
 
 def training_identity(config: Config) -> dict[str, Any]:
@@ -244,7 +246,7 @@ def training_identity(config: Config) -> dict[str, Any]:
     for section, key in RUNTIME_KEYS:
         data[config.detector if section == "detector" else section].pop(key, None)
     for (section, key), earlier in ADDED_KEYS.items():
-        if data[section].get(key) == earlier:
+        if key in data.get(section, {}) and data[section][key] == earlier:
             del data[section][key]
     return data
 

@@ -261,11 +261,16 @@ def bootstrap_auc_ci(
     return float(low), float(high)
 
 
-def roc_points(labels: Sequence | np.ndarray, scores: Sequence | np.ndarray) -> dict[str, list]:
+def roc_points(labels: Sequence | np.ndarray, scores: Sequence | np.ndarray,
+               max_points: int | None = None) -> dict[str, list]:
     """ROC curve for plotting: ``{"fpr": [...], "tpr": [...], "thresholds": [...]}`` (scikit-learn,
-    every point kept); the first threshold, +inf in scikit-learn, is given as None (JSON has no inf)."""
+    every point kept, or ``max_points`` evenly spaced ones including both ends); the first threshold, +inf in
+    scikit-learn, is given as None (JSON has no inf)."""
     y, s = _labels_scores(labels, scores)
     fpr, tpr, thr = _sk_roc_curve(y, s, drop_intermediate=False)
+    if max_points is not None and len(fpr) > max_points:
+        keep = np.unique(np.linspace(0, len(fpr) - 1, max_points).round().astype(int))
+        fpr, tpr, thr = fpr[keep], tpr[keep], thr[keep]
     return {
         "fpr": [float(v) for v in fpr],
         "tpr": [float(v) for v in tpr],

@@ -30,6 +30,14 @@ class DPAConfig:
     per phase; otherwise one phase of ``flat_iterations`` at ``image_size``. Adam with ``lr`` and ``betas``,
     re-created at every phase. ``backbone_weights`` / ``download_weights``: where the backbone's pretrained
     weights come from (runtime settings, not part of the model's identity).
+
+    The ablations of the paper's Table 2 (official ``configs/dpa/camelyon16/final/*``, ``shared/METHODS.md`` §3.7):
+    ``loss: l1`` trains and scores with the pixel L1 alone (the ``wo_pg_L1_unsupervised`` autoencoder; no backbone);
+    ``l1_weight`` w > 0 adds w x the pixel L1 to the perceptual loss and to the score (``wo_pg_with_L1``);
+    ``adversarial_weight`` w > 0 adds w x a WGAN-GP image critic's term to the training loss only (the score stays
+    the perceptual one; ``wo_pg_with_adversarial``): a ``residual18`` critic with ``critic_channels`` widths from
+    ``image_size`` down to 4 px, ``n_critic`` critic steps (each on its own batch) per autoencoder step, Adam
+    ``critic_lr``; non-progressive only, as the official configs.
     """
 
     architecture: str = "residual18"
@@ -47,12 +55,19 @@ class DPAConfig:
     flat_iterations: int = PAPER_FLAT_ITERATIONS
     lr: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    loss: str = "perceptual"
+    l1_weight: float = 0.0
+    adversarial_weight: float = 0.0
+    critic_channels: list[int] = field(default_factory=lambda: [4, 4, 4, 4, 4])
+    n_critic: int = 2
+    critic_lr: float = 2e-4
     backbone_weights: str | None = None
     download_weights: bool = False
 
     def __post_init__(self):
         self.layers = layers_by_size(self.layers)  # YAML/JSON may give "64": int sizes
         self.channels = list(self.channels)
+        self.critic_channels = list(self.critic_channels)
 
     def autoencoder_config(self):
         from wsi_ad.detectors.dpa.networks import AutoencoderConfig
@@ -69,7 +84,25 @@ class DPAConfig:
             self.autoencoder_config()
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
-        check_perceptual_settings(self.backbone, self.layers, self.feature_stats)
+        if self.loss not in ("perceptual", "l1"):
+            raise ConfigError(f"loss must be perceptual or l1 (the pixel-L1 autoencoder), got {self.loss!r}")
+        if self.loss == "perceptual":
+            check_perceptual_settings(self.backbone, self.layers, self.feature_stats)
+        if self.l1_weight < 0 or self.adversarial_weight < 0:
+            raise ConfigError("l1_weight and adversarial_weight must be >= 0")
+        if self.loss == "l1" and self.l1_weight > 0:
+            raise ConfigError("l1_weight adds a pixel L1 to the perceptual loss; with loss: l1 it is the whole loss "
+                              "already (set l1_weight: 0)")
+        if self.adversarial_weight > 0:
+            if self.progressive:
+                raise ConfigError("adversarial_weight needs progressive: false (the official adversarial ablations "
+                                  "train one 64 px phase)")
+            levels = self.image_size.bit_length() - 2          # image_size, image_size/2, ..., 4 px
+            if self.image_size < 8 or self.image_size & (self.image_size - 1) or len(self.critic_channels) != levels:
+                raise ConfigError(f"critic_channels needs one width per resolution from image_size {self.image_size} "
+                                  f"down to 4 px ({max(levels, 0)}), got {self.critic_channels}")
+            if min(self.critic_channels) < 1 or self.n_critic < 1 or self.critic_lr <= 0:
+                raise ConfigError("critic_channels must be >= 1, n_critic >= 1 and critic_lr > 0")
         if self.stats_tiles < 1 or self.lr <= 0:
             raise ConfigError("stats_tiles and lr must be positive")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

@@ -19,24 +19,37 @@ departs from the official code:
 - ``feature_stats: train`` (statistics measured on the training tiles) and the ``shallow`` network are
   ours: the CPU demo's setting, and what checkpoints written before the detector interface hold.
 
+Ablations of the paper's Table 2 (``shared/METHODS.md`` §3.7; configs ``configs/dpa_ablation_*.yaml``): the pixel-L1
+autoencoder (``loss: l1``: loss and score the mean |x - x̃|, no backbone), + a pixel L1 term (``l1_weight``: in the
+loss and the score, as the official evaluation), + a WGAN-GP image critic (``adversarial_weight``: in the loss
+only; critic loss of :func:`~wsi_ad.detectors.piad.losses.critic_loss` with λ 1, g 10, γ 1, ν 0.001 on training
+tiles vs their reconstructions, ``n_critic`` critic steps per autoencoder step, each on its own batch), without
+progressive growing (``progressive: false``). The unsupervised selection is ``wsi-ad tune --selection unsupervised``.
+
 State (checkpointed): ``autoencoder`` (state dict) and ``feature_stats`` (``{"<px>": {"mean": (C,), "std":
-(C,)}}`` per loss input size); training state: the Adam state of the current phase and the step it was
-saved at.
+(C,)}}`` per loss input size; absent with ``loss: l1``); training state: the Adam state of the current phase and
+the step it was saved at (and the critic with its Adam state in the adversarial ablation).
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from wsi_ad.detectors.base import Detector
 from wsi_ad.detectors.dpa.config import DPAConfig
 from wsi_ad.detectors.dpa.networks import build_autoencoder
 from wsi_ad.detectors.dpa.schedule import Phase, flat_phases, loss_sizes, phase_loss, progressive_phases, resize_batch
+from wsi_ad.detectors.piad.losses import critic_loss, generator_adversarial
 from wsi_ad.features.backbones import build_backbone
 from wsi_ad.features.perceptual import PerceptualLoss, feature_stats, imagenet_feature_stats, perceptual_scores
 from wsi_ad.tile_pool import to_tensor
+
+#: Map cells of the pixel-L1 autoencoder (``loss: l1``) are this many px.
+L1_MAP_CELL_PX = 8
 
 #: How each architecture resizes training inputs to a progressive phase's size (see schedule.resize_batch).
 _RESIZE = {"residual18": "bilinear", "shallow": "area"}
@@ -64,7 +77,8 @@ class DPA(Detector):
     search_parameters: ClassVar[dict[str, str]] = {
         "architecture": "architecture", "latent_size": "latent_size", "latent_channels": "latent_channels",
         "image_size": "image_size", "channels": "channels", "lr": "lr", "iterations": "iterations",
-        "layer": "layers", "backbone": "backbone", "feature_stats": "feature_stats",
+        "layer": "layers", "backbone": "backbone", "feature_stats": "feature_stats", "loss": "loss",
+        "l1_weight": "l1_weight", "adversarial_weight": "adversarial_weight",
     }
     #: The search space of ``wsi-ad tune`` for the paper setting (equal to configs/tune_space.yaml).
     default_search_space: ClassVar[dict[str, Any]] = {
@@ -80,12 +94,18 @@ class DPA(Detector):
         self.phases = phases_of(section)
         self.sizes = loss_sizes(self.phases)
         self.autoencoder = build_autoencoder(section.architecture, section.autoencoder_config())
-        extractor = build_backbone(section.backbone, self.sizes, weights=section.backbone_weights,
-                                   download=section.download_weights, layers=section.layers)
         self.perceptual: PerceptualLoss | None = None
-        self._extractor = extractor
+        self._extractor = None
+        if section.loss == "perceptual":
+            self._extractor = build_backbone(section.backbone, self.sizes, weights=section.backbone_weights,
+                                             download=section.download_weights, layers=section.layers).to(self.device)
         self.autoencoder.to(self.device)
-        self._extractor.to(self.device)
+        self.critic = self.critic_optimizer = None
+        if section.adversarial_weight > 0:
+            from wsi_ad.detectors.dpa.residual import Residual18Critic
+
+            self.critic = Residual18Critic(section.critic_channels).to(self.device)
+            self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=section.critic_lr)
         self.channels_last = self.device.type == "cuda" and config.train.channels_last
         self.optimizer: torch.optim.Optimizer | None = None
         self._optimizer_phase: int | None = None   # the phase the optimizer belongs to
@@ -101,6 +121,11 @@ class DPA(Detector):
     @classmethod
     def num_steps_of(cls, config) -> int:
         return sum(p.iterations for p in phases_of(config.section))
+
+    @property
+    def batches_per_step(self) -> int:
+        """``n_critic`` critic batches and one autoencoder batch in the adversarial ablation, else 1."""
+        return self.section.n_critic + 1 if self.critic is not None else 1
 
     @classmethod
     def apply_search_params(cls, section: dict[str, Any], params) -> dict[str, Any]:
@@ -158,7 +183,9 @@ class DPA(Detector):
 
     def fit(self, pool) -> None:
         """Feature statistics per loss input size: the shipped ImageNet ones, or measured on
-        ``stats_tiles`` normal tiles (``feature_stats: train``)."""
+        ``stats_tiles`` normal tiles (``feature_stats: train``); nothing for the pixel-L1 autoencoder."""
+        if self._extractor is None:
+            return
         if self.section.feature_stats == "imagenet":
             stats = {s: imagenet_feature_stats(self.section.backbone, self._extractor.layer_of[s]) for s in self.sizes}
         else:
@@ -176,6 +203,23 @@ class DPA(Detector):
     def _new_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.autoencoder.parameters(), lr=self.section.lr, betas=tuple(self.section.betas))
 
+    def reconstruction_loss(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """(B,) loss of each tile's reconstruction, also its score: relative perceptual L1 (+ ``l1_weight`` x the
+        mean absolute pixel difference), or that pixel L1 alone (``loss: l1``)."""
+        s = self.section
+        if self.perceptual is None:
+            return (x - recon).abs().mean(dim=(1, 2, 3))
+        loss = self.perceptual(x, recon)
+        if s.l1_weight > 0:
+            loss = loss + s.l1_weight * (x - recon).abs().mean(dim=(1, 2, 3))
+        return loss
+
+    def _random(self, step: int) -> torch.Generator:
+        """The random stream of ``step`` (the critic's interpolation weights): a pure function of (train.seed,
+        step), so a resumed run repeats it."""
+        seed = int(np.random.default_rng([self.config.train.seed, 0xD9A, step]).integers(0, 2**63 - 1))
+        return torch.Generator(device=self.device).manual_seed(seed)
+
     def train_step(self, tiles: torch.Tensor, step: int) -> dict[str, float]:
         index = self._phase_index(step)
         if self._optimizer_phase != index:  # a new phase: a fresh Adam, as the official code
@@ -184,30 +228,67 @@ class DPA(Detector):
         alpha = phase.alpha(step - self._starts[index])
         if self.channels_last:
             tiles = tiles.contiguous(memory_format=torch.channels_last)
-        with self.autocast():
-            loss = phase_loss(self.autoencoder, self.perceptual, tiles, phase.size, alpha,
-                              _RESIZE[self.section.architecture]).mean()
+        values: dict[str, float] = {}
+        if self.critic is not None:             # the adversarial ablation: non-progressive, alpha = 1
+            *critic_batches, tiles = tiles.chunk(self.batches_per_step)
+            values = self._critic_steps(critic_batches, self._random(step))
+            with self.autocast():
+                recon = self.autoencoder(tiles, phase.size, 1.0)
+                rec = self.reconstruction_loss(tiles, recon).mean()
+                adversarial = generator_adversarial(self.critic, recon)
+                loss = rec + self.section.adversarial_weight * adversarial
+            values.update(reconstruction=float(rec.detach()), adversarial=float(adversarial.detach()))
+        else:
+            with self.autocast():
+                loss = phase_loss(self.autoencoder, self.reconstruction_loss, tiles, phase.size, alpha,
+                                  _RESIZE[self.section.architecture]).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self._steps_done = step + 1
-        return {"loss": float(loss.detach()), "alpha": alpha}
+        return {"loss": float(loss.detach()), "alpha": alpha, **values}
+
+    def _critic_steps(self, batches, rng: torch.Generator) -> dict[str, float]:
+        """One critic update per batch: training tiles as real, their reconstructions as fake."""
+        total: dict[str, float] = {}
+        for x in batches:
+            with torch.no_grad(), self.autocast():
+                recon = self.autoencoder(x, self.section.image_size, 1.0)
+            with self.autocast():
+                loss, parts = critic_loss(self.critic, x, recon.float(), generator=rng)
+            self.critic_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.critic_optimizer.step()
+            for key, value in {"critic_loss": float(loss.detach()), **parts}.items():
+                total[key] = total.get(key, 0.0) + value / len(batches)
+        return total
 
     # -- state ----------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"autoencoder": {k: v.detach().cpu() for k, v in self.autoencoder.state_dict().items()},
-                "feature_stats": self.perceptual.stats_state()}
+        state = {"autoencoder": {k: v.detach().cpu() for k, v in self.autoencoder.state_dict().items()}}
+        if self.perceptual is not None:
+            state["feature_stats"] = self.perceptual.stats_state()
+        return state
 
     def training_state_dict(self) -> dict[str, Any] | None:
-        """The Adam state of the current phase and the steps done when it was taken (None before training)."""
+        """The Adam state of the current phase and the steps done when it was taken (None before training); the
+        critic and its Adam state in the adversarial ablation."""
         if self.optimizer is None:
             return None
-        return {"optimizer": self.optimizer.state_dict(), "step": self._steps_done}
+        state = {"optimizer": self.optimizer.state_dict(), "step": self._steps_done}
+        if self.critic is not None:
+            state["critic"] = {k: v.detach().cpu() for k, v in self.critic.state_dict().items()}
+            state["critic_optimizer"] = self.critic_optimizer.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any], training_state: dict[str, Any] | None = None) -> None:
         self.autoencoder.load_state_dict(state["autoencoder"])
-        self._set_stats(PerceptualLoss.stats_from_state(state["feature_stats"]))
+        if self._extractor is not None:
+            self._set_stats(PerceptualLoss.stats_from_state(state["feature_stats"]))
+        if training_state and self.critic is not None and "critic" in training_state:
+            self.critic.load_state_dict(training_state["critic"])
+            self.critic_optimizer.load_state_dict(training_state["critic_optimizer"])
         self.optimizer, self._optimizer_phase = None, None
         if training_state and training_state.get("optimizer") and int(training_state["step"]) > 0:
             step = self._steps_done = int(training_state["step"])
@@ -220,11 +301,23 @@ class DPA(Detector):
 
     def score_batch(self, tiles: torch.Tensor, pixel_maps: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Relative perceptual L1 of each tile's reconstruction at full size (alpha = 1) and, with
-        ``pixel_maps``, its per-feature-cell map (:func:`~wsi_ad.features.perceptual.perceptual_scores`)."""
+        ``pixel_maps``, its per-feature-cell map (:func:`~wsi_ad.features.perceptual.perceptual_scores`); with
+        ``l1_weight`` plus that weight x the pixel L1 (in the map: pooled to the feature cells, so the map's mean
+        stays the score); with ``loss: l1`` the pixel L1 and its 8 px cell means."""
         if self.channels_last:
             tiles = tiles.contiguous(memory_format=torch.channels_last)
-        return perceptual_scores(self.perceptual, tiles, self.autoencoder(tiles, self.section.image_size, 1.0),
-                                 pixel_maps)
+        recon = self.autoencoder(tiles, self.section.image_size, 1.0)
+        pixel = (tiles - recon).abs().mean(dim=1).float()
+        if self.perceptual is None:
+            maps = F.avg_pool2d(pixel[:, None], L1_MAP_CELL_PX)[:, 0] if pixel_maps else None
+            return pixel.mean(dim=(1, 2)), maps
+        score, maps = perceptual_scores(self.perceptual, tiles, recon, pixel_maps)
+        weight = self.section.l1_weight
+        if weight > 0:
+            score = score + weight * pixel.mean(dim=(1, 2))
+            if maps is not None:
+                maps = maps + weight * F.adaptive_avg_pool2d(pixel[:, None], maps.shape[-2:])[:, 0]
+        return score, maps
 
 
 def _levels(image_size: int, latent_size: int) -> int:

@@ -155,3 +155,29 @@ class Residual18Autoencoder(ProgressiveAutoencoder):
 
         The fade-in weight is not a parameter here; the official code's is (one more in each transition count)."""
         return tuple(sum(p.numel() for m in part for p in m.parameters()) for part in self.modules_in_use(size, transition))
+
+
+class Residual18Critic(nn.Module):
+    """The image critic of the DPA's adversarial ablation (official ``ddis`` of
+    ``configs/dpa/camelyon16/final/wo_pg_with_adversarial``: a ``residual18`` encoder with one output): (B, 3, S, S)
+    -> (B,) unbounded scores.
+
+    ``widths`` at S, S/2, ..., 4 px (S = 4 x 2**(len(widths) - 1)): from-RGB = conv3x3 and two plain blocks at S px,
+    one down block + plain block per halving down to 4 x 4, then LeakyReLU and a 4x4 valid conv to one channel;
+    Kaiming-normal convs as the autoencoder. With the official widths (4 everywhere, S = 64) it has 3,137 parameters,
+    the count measured on the official module (``shared/METHODS.md`` §3.7)."""
+
+    def __init__(self, widths: list[int] | tuple[int, ...]):
+        super().__init__()
+        w = [int(x) for x in widths]
+        self.image_size = 4 * 2 ** (len(w) - 1)
+        self.from_rgb = nn.Sequential(_conv3x3(3, w[0]), PlainBlock(w[0], w[0]), PlainBlock(w[0], w[0]))
+        self.down = nn.Sequential(*[nn.Sequential(DownBlock(a, b), PlainBlock(b, b)) for a, b in zip(w[:-1], w[1:],
+                                                                                                       strict=True)])
+        self.head = nn.Sequential(_act(), nn.Conv2d(w[-1], 1, 4))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, a=LEAKY_SLOPE, mode="fan_out", nonlinearity="leaky_relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.down(self.from_rgb(x))).flatten()

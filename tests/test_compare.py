@@ -1,0 +1,92 @@
+"""``wsi-ad compare`` (issue 17): several detectors trained on the same normal tiles of a synthetic Camelyon16-like
+dataset, scored through the slide pipeline, two seeds each, one table; failing rows recorded in the table, never
+ending it; a re-run reuses every finished model; an anomalib Folder dataset of real patches as the other input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from pipelines.cli import main
+from pipelines.compare import CONFIG_DIR, CONFIGS, CompareError, parse_rows
+from wsi_ad.config import Config
+
+TRAIN = {"batch_size": 8, "checkpoint_every": 50, "log_every": 1, "seed": 4}
+AE = {"detector": "ae", "ae": {"latent_dim": 8, "iterations": 3}, "data": {"buffer_tiles": 512}, "train": TRAIN}
+PIXEL_L1 = {"detector": "dpa", "dpa": {"architecture": "shallow", "channels": [4, 4, 4, 4], "loss": "l1",
+                                       "progressive": False, "flat_iterations": 3},
+            "data": {"buffer_tiles": 512}, "train": TRAIN}
+
+
+def _yaml(path, data) -> str:
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_rows_by_name_and_by_config_and_their_errors(tmp_path):
+    for scale in CONFIGS:                                   # every shipped config is there and valid for its detector
+        for name, file in CONFIGS[scale].items():
+            assert Config.from_yaml(CONFIG_DIR / file).detector == name, file
+    rows = parse_rows("dpa, ae", "cpu", [f"mine={tmp_path / 'x.yaml'}"])
+    assert list(rows) == ["dpa", "ae", "mine"] and rows["dpa"] == CONFIG_DIR / "demo_cpu.yaml"
+    assert parse_rows("igd", "paper", [])["igd"] == CONFIG_DIR / "igd_paper.yaml"
+    with pytest.raises(CompareError, match="no shipped cpu config for detector 'nope'.*--config nope=PATH"):
+        parse_rows("nope", "cpu", [])
+    with pytest.raises(CompareError, match="expected NAME=CONFIG.yaml"):
+        parse_rows(None, "cpu", ["justapath.yaml"])
+    with pytest.raises(CompareError, match="row 'ae' is given twice"):
+        parse_rows("ae", "cpu", ["ae=x.yaml"])
+    with pytest.raises(CompareError, match="nothing to compare"):
+        parse_rows("", "cpu", [])
+
+
+def test_compare_on_synthetic_slides_records_failures_and_resumes(synth_dataset, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    bad_key = _yaml(tmp_path / "bad.yaml", {**AE, "ae": {**AE["ae"], "no_such_key": 1}})
+    no_weights = _yaml(tmp_path / "vgg.yaml", {"detector": "piad", "piad": {"backbone": "vgg19", "iterations": 2},
+                                              "train": TRAIN})
+    args = ["compare", "--data", str(synth_dataset.root), "--out", str(out), "--seeds", "2", "--device", "cpu",
+            "--workers", "1", "--config", f"ae={_yaml(tmp_path / 'ae.yaml', AE)}",
+            "--config", f"dpa_pixel_l1={_yaml(tmp_path / 'l1.yaml', PIXEL_L1)}",
+            "--config", f"broken={bad_key}", "--config", f"vgg={no_weights}"]
+    assert main(args) == 0
+    report = json.loads((out / "compare.json").read_text())
+    rows = {row["name"]: row for row in report["rows"]}
+    assert list(rows) == ["ae", "dpa_pixel_l1", "broken", "vgg"] and report["data"]["kind"] == "slides"
+    for name in ("ae", "dpa_pixel_l1"):
+        runs = rows[name]["runs"]
+        assert [r["seed"] for r in runs] == [4, 5] and all(r["status"] == "ok" for r in runs)
+        assert all(0 <= r["tile_auc"] <= 1 and r["n_tumor_tiles"] > 0 and r["score_tiles_per_s"] > 0 for r in runs)
+        assert runs[0]["model_id"] != runs[1]["model_id"] and len(runs[0]["roc"]["fpr"]) >= 2
+        summary = rows[name]["summary"]
+        assert summary["seeds_ok"] == 2 and summary["tile_auc"]["n"] == 2 and summary["slide_auc"]["mean"] is not None
+    assert "no_such_key" in rows["broken"]["error"] and rows["broken"]["runs"] == []
+    assert all(r["status"] == "failed" and "vgg19" in r["error"] for r in rows["vgg"]["runs"])
+    table = (out / "compare.md").read_text()
+    assert "| ae | ae |" in table and "| dpa_pixel_l1 | dpa |" in table and "Failures:" in table
+    assert "**broken**" in table and "**vgg** seed 4" in table
+    assert (out / "roc.png").stat().st_size > 0
+    assert "dpa_pixel_l1 seed 5: tile AUC" in capsys.readouterr().out
+
+    assert main(args) == 0                                  # a re-run trains nothing again
+    again = {row["name"]: row for row in json.loads((out / "compare.json").read_text())["rows"]}
+    assert all(r["reused"] for name in ("ae", "dpa_pixel_l1") for r in again[name]["runs"])
+    assert [r["tile_auc"] for r in again["ae"]["runs"]] == [r["tile_auc"] for r in rows["ae"]["runs"]]
+
+
+def test_compare_on_an_anomalib_folder_of_real_patches(shared_data, tmp_path):
+    patches = shared_data / "patches" / "camelyon16_l0_256"
+    if not (patches / "train" / "good").is_dir():
+        pytest.skip(f"real Camelyon16 patches not found in {patches}")
+    out = tmp_path / "cmp"
+    ae = {**AE, "data": {"buffer_tiles": 512, "image_mpp": 0.243}}
+    assert main(["compare", "--data", str(patches), "--out", str(out), "--seeds", "1", "--device", "cpu",
+                 "--config", f"ae={_yaml(tmp_path / 'ae.yaml', ae)}"]) == 0
+    row = json.loads((out / "compare.json").read_text())["rows"][0]
+    run = row["runs"][0]
+    assert run["status"] == "ok" and run["n_tumor_tiles"] == 59 and run["n_normal_tiles"] == 499
+    assert run["slide_auc"] is None and 0 <= run["tile_auc"] <= 1
+    assert not list(patches.glob("wsi-ad*"))                # nothing written into the dataset
+    assert "slide AUC" not in (out / "compare.md").read_text().split("\n")[0]
