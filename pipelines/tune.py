@@ -33,11 +33,16 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("normal", type=Path, nargs="+", metavar="NORMAL_STORES_OR_DIRS",
                         help="normal slide stores (*.zarr) or folders of them (the --out of `wsi-ad process`); "
                              "one store per slide, split into folds by slide")
-    parser.add_argument("--anomalies", type=Path, nargs="+", required=True, metavar="TUMOR_STORES_OR_DIRS",
+    parser.add_argument("--anomalies", type=Path, nargs="+", metavar="TUMOR_STORES_OR_DIRS",
                         help="stores of a few annotated tumour slides (training slides, never trained on): "
-                             "their tiles entirely inside the tumour annotations are the validation anomalies")
-    parser.add_argument("--annotations", type=Path, required=True, metavar="XML_DIR",
+                             "their tiles entirely inside the tumour annotations are the validation anomalies "
+                             "(required unless --selection unsupervised)")
+    parser.add_argument("--annotations", type=Path, metavar="XML_DIR",
                         help="folder of ASAP XML annotations named <slide_id>.xml (Camelyon16 lesion_annotations)")
+    parser.add_argument("--selection", choices=("weakly-supervised", "unsupervised"), default="weakly-supervised",
+                        help="weakly-supervised (default): best tile AUC of the anomalies vs held-out normals; "
+                             "unsupervised: lowest mean score (reconstruction loss) of held-out normal tiles, no "
+                             "anomalies (the DPA paper's Table 2 row 1)")
     parser.add_argument("--out", type=Path, required=True,
                         help="output folder: tune_results.json, best_config.yaml and runs/ (checkpoints; a re-run "
                              "reuses finished work)")
@@ -66,11 +71,17 @@ def _params_text(params: dict) -> str:
 
 
 def format_table(candidates: list[dict], best: dict | None) -> str:
-    """The candidates as a text table: number, parameters, mean AUC ± std over folds, seconds, status."""
+    """The candidates as a text table: number, parameters, mean AUC ± std over folds (or, in an unsupervised
+    selection, the held-out normals' mean score), seconds, status."""
     width = max([len("parameters")] + [len(_params_text(c["params"])) for c in candidates])
-    lines = [f"{'#':>3}  {'parameters':<{width}}  {'AUC mean ± std':>15}  {'seconds':>8}  status"]
+    unsupervised = best is not None and best.get("selection") == "unsupervised"
+    criterion = "normal score" if unsupervised else "AUC mean ± std"
+    lines = [f"{'#':>3}  {'parameters':<{width}}  {criterion:>15}  {'seconds':>8}  status"]
     for c in candidates:
-        auc = f"{c['auc_mean']:.4f} ± {c['auc_std']:.4f}" if c["auc_mean"] is not None else "-"
+        if unsupervised:
+            auc = f"{c['normal_score_mean']:.6g}" if c.get("normal_score_mean") is not None else "-"
+        else:
+            auc = f"{c['auc_mean']:.4f} ± {c['auc_std']:.4f}" if c["auc_mean"] is not None else "-"
         seconds = f"{c['seconds']:.1f}" if c["status"] == "ok" else "-"
         status = c["status"] if c["status"] == "ok" else f"{c['status']}: {c['reason']}"
         if best is not None and c["index"] == best["index"]:
@@ -92,13 +103,16 @@ def run_tune(args: argparse.Namespace) -> int:
 
     result = tune(args.normal, args.anomalies, args.annotations, args.out, base_config=base, space=space,
                   folds=args.folds, max_candidates=args.max_candidates, max_anomaly_tiles=args.max_anomaly_tiles,
-                  max_normal_tiles=args.max_normal_tiles, seed=args.seed, device=args.device, echo=echo)
+                  max_normal_tiles=args.max_normal_tiles, seed=args.seed, device=args.device, echo=echo,
+                  selection=args.selection)
     print(format_table(result.candidates, result.best))
     for note in result.notes:
         print(f"note: {note}")
     best = result.best
+    value = (f"mean normal score {best['normal_score_mean']:.6g}" if best["selection"] == "unsupervised"
+             else f"AUC {best['auc_mean']:.4f} ± {best['auc_std']:.4f}")
     print(f"\nbest: candidate {best['index'] + 1} ({best['id']}) {_params_text(best['params'])}: "
-          f"AUC {best['auc_mean']:.4f} ± {best['auc_std']:.4f} over {len(result.folds)} folds")
+          f"{value} over {len(result.folds)} folds")
     print(f"results: {result.results_path}")
     print(f"config:  {result.best_config_path}")
     command = ["wsi-ad", "train", *map(str, args.normal), "--out", str(Path(args.out) / "model.pt"),

@@ -291,6 +291,28 @@ def test_cli_rerun_reuses_finished_work_and_prints_the_winner(search, setting, c
     assert "skipped: tiles/20x missing" in captured.out
 
 
+def test_unsupervised_selection_picks_the_lowest_normal_score_without_anomalies(setting, tmp_path, capsys):
+    base, space = tmp_path / "base.yaml", tmp_path / "space.yaml"
+    base.write_text(json.dumps(TINY_BASE))
+    space.write_text(yaml.safe_dump({"mode": "grid", "space": {"layer": ["block2", "block7"]}}))
+    common = [*map(str, setting["normals"]), "--out", str(tmp_path / "u"), "--base-config", str(base),
+              "--space", str(space), "--max-normal-tiles", "48"]
+    assert main(["tune", *common]) == 2                                    # weakly-supervised needs anomalies
+    assert "--selection unsupervised needs neither" in capsys.readouterr().err
+    with one_torch_thread():
+        assert main(["tune", *common, "--selection", "unsupervised"]) == 0
+    out = capsys.readouterr().out
+    document = json.loads((tmp_path / "u" / "tune_results.json").read_text())
+    assert document["settings"]["selection"] == "unsupervised" and document["anomalies"] is None
+    candidates = document["candidates"]
+    assert all(f["auc"] is None and f["n_anomaly"] == 0 for c in candidates for f in c["folds"])
+    means = [c["normal_score_mean"] for c in candidates]
+    assert means == [pytest.approx(np.mean([f["normal_score_mean"] for f in c["folds"]])) for c in candidates]
+    assert document["best"]["index"] == int(np.argmin(means)) and document["best"]["selection"] == "unsupervised"
+    assert "normal score" in out and "mean normal score" in out
+    assert "unsupervised selection" in (tmp_path / "u" / "best_config.yaml").read_text().split("\n")[0]
+
+
 def test_fewer_slides_than_folds_and_failing_candidates_are_recorded(setting, tmp_path):
     space = SearchSpace.from_dict({"mode": "grid", "space": {"layer": ["block7"]}})
     with one_torch_thread():

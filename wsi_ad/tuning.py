@@ -82,6 +82,8 @@ from wsi_ad.errors import WsiAdError
 from wsi_ad.store import STORE_SUFFIX, SlideStore, StoreError, is_store_path, stores_in
 
 RESULTS_NAME = "tune_results.json"
+#: Selection criteria of :func:`tune`.
+SELECTIONS = ("weakly-supervised", "unsupervised")
 BEST_CONFIG_NAME = "best_config.yaml"
 RUNS_DIR = "runs"
 
@@ -522,10 +524,11 @@ class TuneResult:
     notes: list[str] = field(default_factory=list)
 
 
-def evaluate_fold(config: Config, fold: Fold, normals: TileSample, anomalies: TileSample, run_dir: Path, *,
+def evaluate_fold(config: Config, fold: Fold, normals: TileSample, anomalies: TileSample | None, run_dir: Path, *,
                   device: str | None = None) -> dict:
     """Train ``config`` on ``fold.train`` (checkpoint under ``run_dir``, resumed when present) and score the
-    held-out normals and the anomalies; returns the fold record (AUC, seconds, counts). A finished fold
+    held-out normals and the anomalies; returns the fold record (AUC, the held-out normals' mean score,
+    seconds, counts). Without ``anomalies`` (unsupervised selection) the AUC is None. A finished fold
     whose record matches (same config, slides and tile samples) is returned as it was, with ``reused``."""
     from sklearn.metrics import roc_auc_score
 
@@ -536,7 +539,8 @@ def evaluate_fold(config: Config, fold: Fold, normals: TileSample, anomalies: Ti
     # The leak of the official DPA code: never validate on tiles of the training slides.
     check_disjoint(fold.train, fold.validation)
     check_disjoint(fold.train, normals.stores)
-    check_disjoint(fold.train, anomalies.stores, what="anomaly")
+    if anomalies is not None:
+        check_disjoint(fold.train, anomalies.stores, what="anomaly")
     outside = {p.resolve() for p in normals.stores} - {p.resolve() for p in fold.validation}
     if outside:
         raise FoldLeakError(f"normal validation tiles drawn from stores outside fold {fold.index}'s validation "
@@ -547,7 +551,7 @@ def evaluate_fold(config: Config, fold: Fold, normals: TileSample, anomalies: Ti
     train_key = _hash([str(p.resolve()) for p in fold.train])
     key = {"candidate": candidate_id(config), "train": [str(p.resolve()) for p in fold.train],
            "validation": [str(p.resolve()) for p in fold.validation], "normals": normals.key(),
-           "anomalies": anomalies.key()}
+           "anomalies": None if anomalies is None else anomalies.key()}
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = run_dir / f"fold{fold.index}-{train_key}.pt"
     record_path = checkpoint.with_suffix(".json")
@@ -568,16 +572,17 @@ def evaluate_fold(config: Config, fold: Fold, normals: TileSample, anomalies: Ti
     scorer = load_scorer(checkpoint, device=select_device(run_config.train.device))
     size, mag = scorer.image_size, scorer.magnification
     normal_scores = scorer.score(normals.tiles(mag, size))
-    anomaly_scores = scorer.score(anomalies.tiles(mag, size))
+    anomaly_scores = scorer.score(anomalies.tiles(mag, size)) if anomalies is not None else np.zeros(0, np.float32)
     labels = np.r_[np.zeros(len(normal_scores), np.int8), np.ones(len(anomaly_scores), np.int8)]
     scores = np.r_[normal_scores, anomaly_scores]
     if not np.isfinite(scores).all():
         raise TuneError(f"{checkpoint}: non-finite anomaly scores (diverged training?)")
-    auc = float(roc_auc_score(labels, scores))
+    auc = float(roc_auc_score(labels, scores)) if anomalies is not None else None
     score_seconds = time.perf_counter() - t1
     record = {
         "fold": fold.index, "auc": auc, "n_normal": int(len(normal_scores)), "n_anomaly": int(len(anomaly_scores)),
-        "normal_score_median": float(np.median(normal_scores)), "anomaly_score_median": float(np.median(anomaly_scores)),
+        "normal_score_mean": float(np.mean(normal_scores)), "normal_score_median": float(np.median(normal_scores)),
+        "anomaly_score_median": float(np.median(anomaly_scores)) if anomalies is not None else None,
         "train_seconds": round(train_seconds, 2), "score_seconds": round(score_seconds, 2),
         "seconds": round(train_seconds + score_seconds, 2), "iterations": trained.iterations,
         "final_loss": trained.final_loss, "checkpoint": str(checkpoint),
@@ -590,10 +595,11 @@ def evaluate_fold(config: Config, fold: Fold, normals: TileSample, anomalies: Ti
 
 def tune(
     normal_stores: Sequence[str | os.PathLike],
-    anomaly_stores: Sequence[str | os.PathLike],
-    annotations_dir: str | os.PathLike,
+    anomaly_stores: Sequence[str | os.PathLike] | None,
+    annotations_dir: str | os.PathLike | None,
     out: str | os.PathLike,
     *,
+    selection: str = "weakly-supervised",
     base_config: Config | None = None,
     space: SearchSpace | None = None,
     folds: int = 3,
@@ -615,7 +621,20 @@ def tune(
     per fold; None: no cap); ``seed``: folds (of the stores sorted by slide id, so the argument order does
     not matter), tile samples and random search; ``device``: auto / cpu /
     cuda for training and scoring (a runtime setting: not written into ``best_config.yaml``).
+
+    ``selection``: ``weakly-supervised`` (the winner has the best mean tile AUC of the validation anomalies vs the
+    held-out normals) or ``unsupervised`` (the DPA paper's other criterion, its Table 2 row 1: the lowest mean
+    score of the held-out normal tiles, which for the autoencoders is their reconstruction loss; no anomalies
+    are used, ``anomaly_stores`` and ``annotations_dir`` may be None). The scores of candidates that change the
+    loss itself (feature layer, backbone) are in different units, so this criterion compares them as the paper
+    did, not on a common scale.
     """
+    if selection not in SELECTIONS:
+        raise TuneError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
+    supervised = selection == "weakly-supervised"
+    if supervised and (not anomaly_stores or annotations_dir is None):
+        raise TuneError("weakly-supervised selection needs anomaly stores and their annotations "
+                        "(--anomalies, --annotations); --selection unsupervised needs neither")
     out = Path(out)
     base_config = base_config or Config()
     base_config.validate()
@@ -630,20 +649,25 @@ def tune(
         if value is not None and value < 1:
             raise TuneError(f"{name} must be >= 1, got {value}")
     normals = find_stores(normal_stores, "normal")
-    tumors = find_stores(anomaly_stores, "anomaly")
+    tumors = find_stores(anomaly_stores, "anomaly") if supervised else []
     for store in normals + tumors:
         _tiles_group(store)  # every store must have been tiled
     normals.sort(key=lambda p: (_slide_id(p), str(p.resolve())))  # folds do not depend on the argument order
-    check_disjoint(normals, tumors, what="anomaly", against="normal")
+    if supervised:
+        check_disjoint(normals, tumors, what="anomaly", against="normal")
     notes: list[str] = []
     fold_list = slide_folds(normals, folds, seed)
     if len(fold_list) < folds:
         notes.append(f"{len(normals)} normal slides: folds reduced from {folds} to {len(fold_list)} (leave one slide out)")
         echo("note: " + notes[-1])
-    anomalies = anomaly_tiles(tumors, annotations_dir, max_anomaly_tiles, seed)
+    anomalies = anomaly_tiles(tumors, annotations_dir, max_anomaly_tiles, seed) if supervised else None
     normal_samples = [normal_sample(f.validation, max_normal_tiles, seed * 1000 + f.index) for f in fold_list]
-    echo(f"{len(normals)} normal slides in {len(fold_list)} folds; {len(anomalies.sample)} anomaly tiles from "
-         f"{len(tumors)} tumour slide(s) ({sum(d['tumor_tiles'] for d in anomalies.summary)} tumour tiles there)")
+    if supervised:
+        echo(f"{len(normals)} normal slides in {len(fold_list)} folds; {len(anomalies.sample)} anomaly tiles from "
+             f"{len(tumors)} tumour slide(s) ({sum(d['tumor_tiles'] for d in anomalies.summary)} tumour tiles there)")
+    else:
+        echo(f"{len(normals)} normal slides in {len(fold_list)} folds; unsupervised selection: the lowest mean score "
+             "of held-out normal tiles wins (no anomalies)")
 
     assignments = space.candidates(max_candidates, None)
     results_path = out / RESULTS_NAME
@@ -652,8 +676,8 @@ def tune(
     records: list[dict] = []
     configs: dict[str, Config] = {}
     settings = {
-        "normal_stores": [str(p) for p in normals], "anomaly_stores": [str(p) for p in tumors],
-        "annotations": str(annotations_dir), "folds_requested": folds, "folds": len(fold_list), "seed": seed,
+        "selection": selection, "normal_stores": [str(p) for p in normals],
+        "anomaly_stores": [str(p) for p in tumors], "annotations": None if annotations_dir is None else str(annotations_dir), "folds_requested": folds, "folds": len(fold_list), "seed": seed,
         "max_candidates": max_candidates if max_candidates is not None else space.max_candidates,
         "max_anomaly_tiles": max_anomaly_tiles, "max_normal_tiles": max_normal_tiles, "device": device,
         "space": space.to_dict(), "base_config": base_config.to_dict(),
@@ -665,13 +689,15 @@ def tune(
     def save(best: dict | None) -> None:
         document = {"wsi_ad_version": __version__, "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "settings": settings, "notes": notes, "folds": fold_info,
-                    "anomalies": {"tiles": len(anomalies.sample), "stores": anomalies.summary},
+                    "anomalies": None if anomalies is None else {"tiles": len(anomalies.sample),
+                                                                 "stores": anomalies.summary},
                     "candidates": records, "best": best}
         write_text_atomic(results_path, json.dumps(document, indent=2, default=str))
 
     for number, params in enumerate(assignments):
         record: dict[str, Any] = {"index": number, "params": params, "status": "ok", "reason": None, "id": None,
-                                  "auc_mean": None, "auc_std": None, "seconds": 0.0, "folds": []}
+                                  "auc_mean": None, "auc_std": None, "normal_score_mean": None, "seconds": 0.0,
+                                  "folds": []}
         records.append(record)
         label = f"candidate {number + 1}/{len(assignments)} {json.dumps(params, default=str)}"
         try:
@@ -699,11 +725,14 @@ def tune(
         write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         try:
             for fold, normals_f in zip(fold_list, normal_samples, strict=True):
-                result = evaluate_fold(config, fold, normals_f, anomalies.sample, run_dir, device=device)
+                result = evaluate_fold(config, fold, normals_f, anomalies.sample if supervised else None, run_dir,
+                                       device=device)
                 result.pop("key", None)
                 record["folds"].append(result)
                 record["seconds"] = round(sum(f["seconds"] for f in record["folds"]), 2)
-                echo(f"{label} fold {fold.index + 1}/{len(fold_list)}: AUC {result['auc']:.3f} "
+                value = (f"AUC {result['auc']:.3f}" if supervised
+                         else f"mean normal score {result['normal_score_mean']:.4g}")
+                echo(f"{label} fold {fold.index + 1}/{len(fold_list)}: {value} "
                      f"({result['seconds']:.1f} s{', reused' if result['reused'] else ''})")
                 save(None)
         except FoldLeakError:
@@ -713,9 +742,11 @@ def tune(
             echo(f"{label}: failed ({exc})")
             save(None)
             continue
-        aucs = np.array([f["auc"] for f in record["folds"]])
-        record["aucs"] = [float(a) for a in aucs]
-        record["auc_mean"], record["auc_std"] = float(aucs.mean()), float(aucs.std())
+        if supervised:
+            aucs = np.array([f["auc"] for f in record["folds"]])
+            record["aucs"] = [float(a) for a in aucs]
+            record["auc_mean"], record["auc_std"] = float(aucs.mean()), float(aucs.std())
+        record["normal_score_mean"] = float(np.mean([f["normal_score_mean"] for f in record["folds"]]))
         save(None)
 
     done = [r for r in records if r["status"] == "ok"]
@@ -723,10 +754,14 @@ def tune(
         save(None)
         reasons = "; ".join(f"{r['index'] + 1}: {r['reason']}" for r in records)
         raise TuneError(f"no candidate could be evaluated ({reasons}); see {results_path}")
-    winner = max(done, key=lambda r: (r["auc_mean"], -r["auc_std"], -r["seconds"], -r["index"]))
-    best = {"index": winner["index"], "id": winner["id"], "params": winner["params"], "auc_mean": winner["auc_mean"],
-            "auc_std": winner["auc_std"], "config": str(best_path)}
-    write_best_config(best_path, configs[winner["id"]], winner, len(fold_list))
+    if supervised:
+        winner = max(done, key=lambda r: (r["auc_mean"], -r["auc_std"], -r["seconds"], -r["index"]))
+    else:
+        winner = min(done, key=lambda r: (r["normal_score_mean"], r["seconds"], r["index"]))
+    best = {"index": winner["index"], "id": winner["id"], "params": winner["params"], "selection": selection,
+            "auc_mean": winner["auc_mean"], "auc_std": winner["auc_std"],
+            "normal_score_mean": winner["normal_score_mean"], "config": str(best_path)}
+    write_best_config(best_path, configs[winner["id"]], winner, len(fold_list), selection)
     save(best)
     return TuneResult(out, results_path, best_path, records, best, fold_list, notes)
 
@@ -738,14 +773,16 @@ class _ConfigDumper(yaml.SafeDumper):
 _ConfigDumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
 
 
-def write_best_config(path: str | os.PathLike, config: Config, record: Mapping[str, Any], n_folds: int) -> Path:
+def write_best_config(path: str | os.PathLike, config: Config, record: Mapping[str, Any], n_folds: int,
+                      selection: str = "weakly-supervised") -> Path:
     """Write ``config`` as a full Config YAML (what ``wsi-ad train --config`` reads), with a header saying
     where it comes from."""
     params = json.dumps(record["params"], default=str)
-    header = (f"# Chosen by wsi-ad tune (weakly-supervised selection, {n_folds}-fold cross-validation by slide):\n"
-              f"#   candidate {record['index'] + 1} ({record['id']}): {params}\n"
-              f"#   tile AUC, validation anomalies vs held-out normal slides: "
-              f"{record['auc_mean']:.4f} +- {record['auc_std']:.4f}\n"
+    criterion = (f"#   tile AUC, validation anomalies vs held-out normal slides: "
+                 f"{record['auc_mean']:.4f} +- {record['auc_std']:.4f}\n" if selection == "weakly-supervised" else
+                 f"#   mean score of held-out normal tiles (the lowest wins): {record['normal_score_mean']:.6g}\n")
+    header = (f"# Chosen by wsi-ad tune ({selection} selection, {n_folds}-fold cross-validation by slide):\n"
+              f"#   candidate {record['index'] + 1} ({record['id']}): {params}\n" + criterion +
               "# Train the final model on all normal slides with:\n"
               f"#   wsi-ad train NORMAL_STORES... --out model.pt --config {Path(path).name}\n")
     body = yaml.dump(config.to_dict(), Dumper=_ConfigDumper, sort_keys=False, default_flow_style=False, width=120)
