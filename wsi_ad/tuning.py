@@ -677,7 +677,8 @@ def tune(
     configs: dict[str, Config] = {}
     settings = {
         "selection": selection, "normal_stores": [str(p) for p in normals],
-        "anomaly_stores": [str(p) for p in tumors], "annotations": None if annotations_dir is None else str(annotations_dir), "folds_requested": folds, "folds": len(fold_list), "seed": seed,
+        "anomaly_stores": [str(p) for p in tumors], "annotations": None if annotations_dir is None else str(annotations_dir),
+        "folds_requested": folds, "folds": len(fold_list), "seed": seed,
         "max_candidates": max_candidates if max_candidates is not None else space.max_candidates,
         "max_anomaly_tiles": max_anomaly_tiles, "max_normal_tiles": max_normal_tiles, "device": device,
         "space": space.to_dict(), "base_config": base_config.to_dict(),
