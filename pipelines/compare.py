@@ -58,9 +58,10 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 #: published setting, a GPU job).
 CONFIGS = {
     "cpu": {"dpa": "demo_cpu.yaml", "piad": "piad_cpu.yaml", "igd": "igd_cpu.yaml", "ae": "ae_cpu.yaml",
-            "deep_if": "deep_if_cpu.yaml", "deep_geo": "deep_geo_cpu.yaml"},
+            "deep_if": "deep_if_cpu.yaml", "deep_geo": "deep_geo_cpu.yaml", "knn": "knn_cpu.yaml"},
     "paper": {"dpa": "camelyon16_paper.yaml", "piad": "piad_camelyon16_paper.yaml", "igd": "igd_paper.yaml",
-              "ae": "ae_paper.yaml", "deep_if": "deep_if_paper.yaml", "deep_geo": "deep_geo_paper.yaml"},
+              "ae": "ae_paper.yaml", "deep_if": "deep_if_paper.yaml", "deep_geo": "deep_geo_paper.yaml",
+              "knn": "knn_paper.yaml"},
 }
 
 #: Published Camelyon16 tile ROC AUCs (mean, std over 3 runs) of the DPA paper (Shvetsova et al. 2020, Tables 1
