@@ -66,3 +66,26 @@ def test_training_resumes_with_identical_weights_and_scores_a_store_with_maps(sc
     with torch.no_grad():
         scores, maps = scorer.detector.score_batch(tiles, pixel_maps=True)
     assert maps.shape == (4, 8, 8) and torch.allclose(maps.flatten(1).mean(1), scores, atol=1e-6)   # mean reduction
+
+
+def test_a_value_logged_in_one_phase_only_leaves_gaps_in_the_loss_curve(scored_setting, tmp_path):
+    from wsi_ad.detectors import register
+    from wsi_ad.detectors.ae.detector import Autoencoder
+    from wsi_ad.detectors.loop import loss_paths
+
+    class PhasedAutoencoder(Autoencoder):
+        """The ae with a value logged in its first two steps only (as a GAN phase's critic terms)."""
+
+        name = "ae_phased_test"
+
+        def train_step(self, tiles, step):
+            values = super().train_step(tiles, step)
+            return {**values, "critic": 1.0} if step < 2 else values
+
+    register(PhasedAutoencoder)
+    phased = {k: v for k, v in TINY.items() if k != "ae"}
+    config = Config.from_dict({**phased, "detector": "ae_phased_test", "ae_phased_test": TINY["ae"]})
+    result = train([scored_setting["normal_store"]], tmp_path / "phased.pt", config, **QUIET)
+    history = load_checkpoint(result.checkpoint)["history"]
+    assert history["critic"] == [1.0, 1.0, None, None] and len(history["loss"]) == 4
+    assert loss_paths(result.checkpoint)[0].read_text().count("\n") == 5      # header + one row per logged step

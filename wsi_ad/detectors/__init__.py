@@ -10,7 +10,8 @@ environment import them too).
 
 Built-in: ``dpa`` (:mod:`wsi_ad.detectors.dpa`), ``piad`` (:mod:`wsi_ad.detectors.piad`), ``igd``
 (:mod:`wsi_ad.detectors.igd`), ``ae`` (:mod:`wsi_ad.detectors.ae`), ``deep_if`` (:mod:`wsi_ad.detectors.deep_if`),
-``deep_geo`` (:mod:`wsi_ad.detectors.deep_geo`), ``knn`` (:mod:`wsi_ad.detectors.knn`).
+``deep_geo`` (:mod:`wsi_ad.detectors.deep_geo`), ``knn`` (:mod:`wsi_ad.detectors.knn`),
+``fanogan`` (:mod:`wsi_ad.detectors.fanogan`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 #: Built-in detectors: name -> module that registers it when imported.
 BUILTIN = {"dpa": "wsi_ad.detectors.dpa", "piad": "wsi_ad.detectors.piad", "igd": "wsi_ad.detectors.igd",
            "ae": "wsi_ad.detectors.ae", "deep_if": "wsi_ad.detectors.deep_if", "deep_geo": "wsi_ad.detectors.deep_geo",
-           "knn": "wsi_ad.detectors.knn"}
+           "knn": "wsi_ad.detectors.knn", "fanogan": "wsi_ad.detectors.fanogan"}
 ENTRY_POINT_GROUP = "wsi_ad.detectors"
 ENV_VAR = "WSI_AD_DETECTORS"
 

@@ -244,6 +244,9 @@ def train(
                 logged = len(history["iteration"])
                 for key, value in row.items():
                     history.setdefault(key, [None] * logged).append(value)
+                for key, values in history.items():     # a key logged before but not in this row (another phase)
+                    if len(values) == logged:
+                        values.append(None)
                 bar.set_postfix({"phase": phase, **{k: f"{v:.4g}" for k, v in means.items()}, "tiles_s": f"{rate:.0f}"})
                 window, window_n, window_t = {}, 0, time.perf_counter()
             at_stop = stop_after is not None and iteration >= stop_after
