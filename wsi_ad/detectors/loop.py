@@ -244,7 +244,7 @@ def train(
                 logged = len(history["iteration"])
                 for key, value in row.items():
                     history.setdefault(key, [None] * logged).append(value)
-                for key, values in history.items():     # a key logged before but not in this row (another phase)
+                for values in history.values():         # a key logged before but not in this row (another phase)
                     if len(values) == logged:
                         values.append(None)
                 bar.set_postfix({"phase": phase, **{k: f"{v:.4g}" for k, v in means.items()}, "tiles_s": f"{rate:.0f}"})
