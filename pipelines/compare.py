@@ -40,7 +40,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import statistics
+import sys
 import time
 import traceback
 from dataclasses import replace
@@ -80,6 +83,9 @@ PUBLISHED = {
                          "source": "DPA paper Table 2 row 1 (AE + perceptual loss, unsupervised selection)"},
 }
 
+#: What a row may be named (it names the row's folder under ``OUT/runs``).
+ROW_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+
 #: Test tiles timed for the scoring throughput.
 THROUGHPUT_TILES = 1024
 
@@ -104,13 +110,20 @@ def parse_rows(detectors: str | None, configs: str, extra: list[str]) -> dict[st
         rows[name] = CONFIG_DIR / CONFIGS[configs][name]
     for item in extra:
         name, sep, path = item.partition("=")
-        if not sep or not name.strip() or not path.strip():
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
             raise CompareError(f"--config {item!r}: expected NAME=CONFIG.yaml")
-        if name.strip() in rows:
-            raise CompareError(f"row {name.strip()!r} is given twice")
-        rows[name.strip()] = Path(path.strip())
+        if not ROW_NAME.fullmatch(name):
+            raise CompareError(f"--config {item!r}: a row name is letters, digits, '_', '-' and '.' (it names the "
+                               "row's folder under OUT/runs), not starting with '.'")
+        if name in rows:
+            raise CompareError(f"row {name!r} is given twice")
+        rows[name] = Path(path)
     if not rows:
         raise CompareError("nothing to compare: give --detectors and/or --config NAME=CONFIG.yaml")
+    missing = [f"{name}={path}" for name, path in rows.items() if not path.is_file()]
+    if missing:
+        raise CompareError(f"config file(s) not found: {', '.join(missing)}")
     return rows
 
 
@@ -200,9 +213,12 @@ class _FolderData(_Data):
 
     def evaluate(self, model: Path, run: Path, device: str, echo) -> dict:
         from pipelines.evaluate import evaluate_tiles
+        from wsi_ad.detectors.checkpoint import load_checkpoint
         from wsi_ad.metrics import roc_points
 
-        results = evaluate_tiles(self.root, model, run / "tiles", device=device, echo=lambda line: None)
+        image_mpp = Config.from_dict(load_checkpoint(model)["config"]).data.image_mpp   # as the model was trained
+        results = evaluate_tiles(self.root, model, run / "tiles", device=device, image_mpp=image_mpp,
+                                 echo=lambda line: None)
         test = results["splits"]["test"]
         import csv
 
@@ -229,17 +245,25 @@ class _FolderData(_Data):
         return np.concatenate(tiles)
 
 
-def open_data(root: str | Path, out: Path, echo, workers: int | None = None) -> _Data:
-    """The comparison's data: a Camelyon16-like folder of slides or an anomalib Folder dataset of tiles."""
+def data_kind(root: str | Path) -> str:
+    """``"tiles"`` (an anomalib Folder dataset) or ``"slides"`` (a Camelyon16-like folder); :class:`CompareError`
+    for anything else."""
     root = Path(root)
     if not root.is_dir():
         raise CompareError(f"--data {root}: not a folder")
     if (root / "train").is_dir() and (root / "test").is_dir():
-        return _FolderData(root)
+        return "tiles"
     if (root / "training").is_dir() and (root / "testing").is_dir():
-        return _SlideData(root, out / "data", echo, workers)
+        return "slides"
     raise CompareError(f"--data {root}: neither a Camelyon16-like folder (training/normal, testing/images, "
                        "testing/reference.csv) nor an anomalib Folder dataset (train/good, test/good, test/<anomalous>)")
+
+
+def open_data(root: str | Path, out: Path, echo, workers: int | None = None) -> _Data:
+    """The comparison's data: a Camelyon16-like folder of slides or an anomalib Folder dataset of tiles."""
+    if data_kind(root) == "tiles":
+        return _FolderData(Path(root))
+    return _SlideData(Path(root), out / "data", echo, workers)
 
 
 # -- one model ----------------------------------------------------------------------------------------------------
@@ -261,6 +285,7 @@ def _measure_throughput(model: Path, data: _Data, device: str) -> float:
 def run_one(config: Config, data: _Data, run: Path, device: str, echo) -> dict:
     """Train (or resume, or reuse) one model of ``config`` into ``run/model.pt`` and evaluate it; the record also
     written to ``run/result.json``. Raises whatever training or scoring raises."""
+    from wsi_ad.config import training_identity
     from wsi_ad.detectors.checkpoint import load_checkpoint, model_id
     from wsi_ad.detectors.loop import train
 
@@ -270,7 +295,8 @@ def run_one(config: Config, data: _Data, run: Path, device: str, echo) -> dict:
         try:
             record = json.loads(record_path.read_text(encoding="utf-8"))
             payload = load_checkpoint(checkpoint)
-            if payload["complete"] and record.get("model_id") == model_id(payload):
+            same = training_identity(Config.from_dict(payload["config"])) == training_identity(config)
+            if payload["complete"] and same and record.get("model_id") == model_id(payload):
                 return {**record, "reused": True}
         except (OSError, ValueError, WsiAdError):
             pass
@@ -347,7 +373,8 @@ def table(report: dict) -> str:
     notes += [f"- **{row['name']}** seed {r['seed']}: {r['error']}" for row in report["rows"] for r in row["runs"]
               if r.get("status") == "failed"]
     text = "\n".join(lines)
-    text += (f"\n\nMean ± std over seeds ({report['settings']['seeds']} asked). Tile AUC: "
+    text += (f"\n\nMean ± population std over seeds ({report['settings']['seeds']} asked); training time: median of "
+             "the trainings run start to end in one go (a resumed one is left out). Tile AUC: "
              + ("tumour tiles inside the lesions of the tumour test slides vs every tile of the normal test slides "
                 "(the DPA paper's protocol on our tiles); slide AUC and FROC as `wsi-ad evaluate camelyon16`."
                 if slides else "test/<anomalous> vs test/good tiles of the anomalib Folder dataset.")
@@ -376,19 +403,28 @@ def plot_rocs(path: Path, report: dict) -> Path | None:
 # -- the run ------------------------------------------------------------------------------------------------------
 
 def compare(data: str | Path, out: str | Path, rows: dict[str, Path], *, seeds: int = 3, tune: bool = False,
-            tune_slides: int = 2, device: str = "auto", workers: int | None = None, echo=print) -> dict:
-    """Run the comparison (module docstring); returns the report also written to ``OUT/compare.json``."""
+            tune_slides: int = 2, device: str = "auto", workers: int | None = None, image_mpp: float | None = None,
+            echo=print) -> dict:
+    """Run the comparison (module docstring); returns the report also written to ``OUT/compare.json``.
+    ``image_mpp``: µm/px of tile images (``data.image_mpp`` of every row; tile folders only)."""
     if seeds < 1:
         raise CompareError(f"--seeds must be >= 1, got {seeds}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    data_kind(data)                      # a bad --data is refused before anything is written
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CompareError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
+    if not os.access(out, os.W_OK):
+        raise CompareError(f"--out {out}: the folder is not writable")
     started = time.perf_counter()
     dataset = open_data(data, out, echo, workers)
     if tune and dataset.kind != "slides":
         raise CompareError("--tune needs a Camelyon16-like folder of slides (tumour training slides with lesion "
                            "annotations give the validation anomalies)")
     report = {"data": {"path": str(data), "kind": dataset.kind, "train": [str(p) for p in dataset.train_paths]},
-              "settings": {"seeds": seeds, "tune": tune, "device": device, "rows": {k: str(v) for k, v in rows.items()}},
+              "settings": {"seeds": seeds, "tune": tune, "device": device, "image_mpp": image_mpp,
+                           "rows": {k: str(v) for k, v in rows.items()}},
               "rows": []}
 
     def save() -> None:
@@ -407,6 +443,8 @@ def compare(data: str | Path, out: str | Path, rows: dict[str, Path], *, seeds: 
             save()
             continue
         row["detector"] = base.detector
+        if image_mpp is not None:
+            base = replace(base, data=replace(base.data, image_mpp=image_mpp))
         row["runs"] = _seeds(name, base, dataset, out / "runs" / name, seeds, device, echo)
         row["summary"] = summarize(row["runs"])
         save()
@@ -487,6 +525,9 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tune-slides", type=int, default=2, help="tumour training slides used by --tune (default 2)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="training and scoring device")
     parser.add_argument("--workers", type=int, default=None, help="local Dask workers for the slide pipeline")
+    parser.add_argument("--image-mpp", type=float, default=None,
+                        help="µm/px of the tile images of an anomalib folder (e.g. 0.243 for Camelyon16 level 0): "
+                             "every row's tiles are resized to its magnification, for training and scoring")
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -494,6 +535,9 @@ def run_compare(args: argparse.Namespace) -> int:
     if detectors is None and not args.extra:
         detectors = ",".join(CONFIGS[args.configs])
     rows = parse_rows(detectors, args.configs, args.extra)
-    compare(args.data, args.out, rows, seeds=args.seeds, tune=args.tune, tune_slides=args.tune_slides,
-            device=args.device, workers=args.workers)
+    report = compare(args.data, args.out, rows, seeds=args.seeds, tune=args.tune, tune_slides=args.tune_slides,
+                     device=args.device, workers=args.workers, image_mpp=args.image_mpp)
+    if not any(r.get("status") == "ok" for row in report["rows"] for r in row["runs"]):
+        print("wsi-ad: error: no row trained and scored (see the failures above)", file=sys.stderr)
+        return 1
     return 0

@@ -29,17 +29,29 @@ def test_rows_by_name_and_by_config_and_their_errors(tmp_path):
     for scale in CONFIGS:                                   # every shipped config is there and valid for its detector
         for name, file in CONFIGS[scale].items():
             assert Config.from_yaml(CONFIG_DIR / file).detector == name, file
-    rows = parse_rows("dpa, ae", "cpu", [f"mine={tmp_path / 'x.yaml'}"])
+    mine = _yaml(tmp_path / "x.yaml", AE)
+    rows = parse_rows("dpa, ae", "cpu", [f"mine={mine}"])
     assert list(rows) == ["dpa", "ae", "mine"] and rows["dpa"] == CONFIG_DIR / "demo_cpu.yaml"
+    with pytest.raises(CompareError, match="config file\\(s\\) not found: gone="):
+        parse_rows(None, "cpu", [f"gone={tmp_path / 'gone.yaml'}"])
+    for bad in ("../escape", ".hidden", "a/b"):                    # a row name is a folder under OUT/runs
+        with pytest.raises(CompareError, match="a row name is letters"):
+            parse_rows(None, "cpu", [f"{bad}={mine}"])
     assert parse_rows("igd", "paper", [])["igd"] == CONFIG_DIR / "igd_paper.yaml"
     with pytest.raises(CompareError, match="no shipped cpu config for detector 'nope'.*--config nope=PATH"):
         parse_rows("nope", "cpu", [])
     with pytest.raises(CompareError, match="expected NAME=CONFIG.yaml"):
         parse_rows(None, "cpu", ["justapath.yaml"])
     with pytest.raises(CompareError, match="row 'ae' is given twice"):
-        parse_rows("ae", "cpu", ["ae=x.yaml"])
+        parse_rows("ae", "cpu", [f"ae={mine}"])
     with pytest.raises(CompareError, match="nothing to compare"):
         parse_rows("", "cpu", [])
+    # bad --data or --out: one line, exit 2, nothing created
+    (tmp_path / "ds" / "train").mkdir(parents=True)
+    (tmp_path / "ds" / "test").mkdir()
+    assert main(["compare", "--data", str(tmp_path / "ds"), "--out", "/proc/wsi-ad-out", "--config", f"m={mine}"]) == 2
+    assert main(["compare", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--config", f"m={mine}"]) == 2
+    assert not (tmp_path / "o").exists()
 
 
 def test_compare_on_synthetic_slides_records_failures_and_resumes(synth_dataset, tmp_path, capsys):
@@ -75,18 +87,30 @@ def test_compare_on_synthetic_slides_records_failures_and_resumes(synth_dataset,
     assert all(r["reused"] for name in ("ae", "dpa_pixel_l1") for r in again[name]["runs"])
     assert [r["tile_auc"] for r in again["ae"]["runs"]] == [r["tile_auc"] for r in rows["ae"]["runs"]]
 
+    _yaml(tmp_path / "ae.yaml", {**AE, "ae": {**AE["ae"], "lr": 0.001}})   # the row's config changed: no stale reuse
+    main(args)
+    changed = {row["name"]: row for row in json.loads((out / "compare.json").read_text())["rows"]}
+    assert all(r["status"] == "failed" and "different configuration" in r["error"] for r in changed["ae"]["runs"])
+    assert all(r["reused"] for r in changed["dpa_pixel_l1"]["runs"])
+
 
 def test_compare_on_an_anomalib_folder_of_real_patches(shared_data, tmp_path):
     patches = shared_data / "patches" / "camelyon16_l0_256"
     if not (patches / "train" / "good").is_dir():
         pytest.skip(f"real Camelyon16 patches not found in {patches}")
     out = tmp_path / "cmp"
-    ae = {**AE, "data": {"buffer_tiles": 512, "image_mpp": 0.243}}
     assert main(["compare", "--data", str(patches), "--out", str(out), "--seeds", "1", "--device", "cpu",
-                 "--config", f"ae={_yaml(tmp_path / 'ae.yaml', ae)}"]) == 0
+                 "--image-mpp", "0.243", "--config", f"ae={_yaml(tmp_path / 'ae.yaml', AE)}"]) == 0
     row = json.loads((out / "compare.json").read_text())["rows"][0]
     run = row["runs"][0]
     assert run["status"] == "ok" and run["n_tumor_tiles"] == 59 and run["n_normal_tiles"] == 499
     assert run["slide_auc"] is None and 0 <= run["tile_auc"] <= 1
+    from pipelines.evaluate import evaluate_tiles  # scored at the µm/px it was trained at (10x)
+
+    alone = evaluate_tiles(patches, out / "runs" / "ae" / "seed4" / "model.pt", tmp_path / "alone", device="cpu",
+                           image_mpp=0.243, echo=lambda line: None)
+    assert run["tile_auc"] == pytest.approx(alone["splits"]["test"]["auc"])
+    bad = _yaml(tmp_path / "bad.yaml", {**AE, "ae": {"nope": 1}})
+    assert main(["compare", "--data", str(patches), "--out", str(tmp_path / "none"), "--config", f"b={bad}"]) == 1
     assert not list(patches.glob("wsi-ad*"))                # nothing written into the dataset
     assert "slide AUC" not in (out / "compare.md").read_text().split("\n")[0]

@@ -52,9 +52,10 @@ def test_pixel_l1_and_composite_scores_are_the_formulas():
         scores, maps = pixel.score_batch(x, pixel_maps=True)
     assert torch.allclose(scores, (x - recon).abs().mean(dim=(1, 2, 3)), atol=1e-6)
     assert maps.shape == (2, 8, 8) and torch.allclose(maps.mean(dim=(1, 2)), scores, atol=1e-6)
-    assert "feature_stats" not in pixel.state_dict()
+    assert "feature_stats" not in pixel.state_dict() and pixel.score_units.startswith("mean absolute pixel")
 
     composite = build(config(l1_weight=0.5))
+    assert "+ 0.5 x mean absolute pixel difference" in composite.score_units
     composite.fit(_Pool(x))
     composite.eval()
     with torch.no_grad():

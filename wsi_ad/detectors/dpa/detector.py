@@ -94,6 +94,11 @@ class DPA(Detector):
         self.phases = phases_of(section)
         self.sizes = loss_sizes(self.phases)
         self.autoencoder = build_autoencoder(section.architecture, section.autoencoder_config())
+        if section.loss == "l1":          # the ablations' scores are not the relative perceptual L1 alone
+            self.score_units = "mean absolute pixel difference on [-1, 1] (higher = more anomalous)"
+        elif section.l1_weight > 0:
+            self.score_units = (f"relative perceptual L1 + {section.l1_weight:g} x mean absolute pixel difference "
+                                "(higher = more anomalous)")
         self.perceptual: PerceptualLoss | None = None
         self._extractor = None
         if section.loss == "perceptual":
