@@ -88,7 +88,10 @@ def main() -> int:
     report = compare(data, args.work / "compare", rows, seeds=args.seeds, device="cpu")
     report["benchmark"] = "bench_compare"
     report["created"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    report["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    import torch
+
+    report["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                         "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
     report["dataset"] = {"slide_px": SIZE_PX, "mpp": 0.243, "train_normal": len(TRAIN_NORMAL),
                          "test": [{"seed": s, "stain": st, "lesions_mm": les} for s, st, les in TEST]}
     for row in report["rows"]:                      # paths of this machine's work folder are not results

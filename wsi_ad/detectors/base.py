@@ -184,6 +184,19 @@ class Detector(ABC):
     def eval(self) -> Detector:
         return self.train(False)
 
+    #: Salt of :meth:`step_generator`'s streams (each detector its own, so that two detectors of one seed do not
+    #: draw the same numbers).
+    random_salt: ClassVar[int] = 0
+
+    def step_generator(self, step: int) -> torch.Generator:
+        """A torch generator on the detector's device for the randomness of training step ``step`` (latent samples,
+        interpolation weights): a pure function of (``train.seed``, :attr:`random_salt`, ``step``), so that a resumed
+        run draws the same numbers."""
+        import numpy as np
+
+        seed = int(np.random.default_rng([self.config.train.seed, self.random_salt, step]).integers(0, 2**63 - 1))
+        return torch.Generator(device=self.device).manual_seed(seed)
+
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
         """bf16 autocast on cuda when ``train.amp`` is set (for a detector's forward passes in training)."""

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -71,6 +70,7 @@ class DPA(Detector):
     paper = ("Shvetsova et al., Anomaly Detection with Deep Perceptual Autoencoders (2020); "
              "official code ninatu/anomaly_detection")
     config_class = DPAConfig
+    random_salt = 0xD9A
     score_units = "relative perceptual L1 (unitless, higher = more anomalous)"
     map_reduction = ("per feature cell: channel mean of |f(x) - f(recon)| / the tile's mean |f(x)| "
                      "(map mean = tile score)")
@@ -219,12 +219,6 @@ class DPA(Detector):
             loss = loss + s.l1_weight * (x - recon).abs().mean(dim=(1, 2, 3))
         return loss
 
-    def _random(self, step: int) -> torch.Generator:
-        """The random stream of ``step`` (the critic's interpolation weights): a pure function of (train.seed,
-        step), so a resumed run repeats it."""
-        seed = int(np.random.default_rng([self.config.train.seed, 0xD9A, step]).integers(0, 2**63 - 1))
-        return torch.Generator(device=self.device).manual_seed(seed)
-
     def train_step(self, tiles: torch.Tensor, step: int) -> dict[str, float]:
         index = self._phase_index(step)
         if self._optimizer_phase != index:  # a new phase: a fresh Adam, as the official code
@@ -236,7 +230,7 @@ class DPA(Detector):
         values: dict[str, float] = {}
         if self.critic is not None:             # the adversarial ablation: non-progressive, alpha = 1
             *critic_batches, tiles = tiles.chunk(self.batches_per_step)
-            values = self._critic_steps(critic_batches, self._random(step))
+            values = self._critic_steps(critic_batches, self.step_generator(step))
             with self.autocast():
                 recon = self.autoencoder(tiles, phase.size, 1.0)
                 rec = self.reconstruction_loss(tiles, recon).mean()

@@ -55,7 +55,6 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -83,6 +82,7 @@ class FAnoGAN(Detector):
     paper = ("Schlegl et al., f-AnoGAN: Fast unsupervised anomaly detection with generative adversarial networks "
              "(Medical Image Analysis 2019); released code tSchlegl/f-AnoGAN")
     config_class = FAnoGANConfig
+    random_salt = 0xFA09
     score_units = "izi_f residual: image MSE + kappa x critic-feature MSE (tiles in [-1, 1])"
     map_reduction = (f"mean over channels and {MAP_CELL_PX} px cells of |x - G(E(x))| (the image term only; "
                      "its mean is not the tile score)")
@@ -125,11 +125,6 @@ class FAnoGAN(Detector):
 
     # -- training -------------------------------------------------------------------------------------
 
-    def _random(self, step: int) -> torch.Generator:
-        """The random stream of ``step``: a pure function of (train.seed, step), so a resumed run repeats it."""
-        seed = int(np.random.default_rng([self.config.train.seed, 0xFA09, step]).integers(0, 2**63 - 1))
-        return torch.Generator(device=self.device).manual_seed(seed)
-
     def _prior(self, n: int, rng: torch.Generator) -> torch.Tensor:
         """(n, latent_dim) float32 samples of the prior."""
         shape = (n, self.section.latent_dim)
@@ -142,7 +137,7 @@ class FAnoGAN(Detector):
         batches = tiles.chunk(self.batches_per_step)
         values = dict.fromkeys(LOGGED, math.nan)
         if self.phase(step) == "gan":
-            values.update(self._gan_step(batches, self._random(step)))
+            values.update(self._gan_step(batches, self.step_generator(step)))
         else:
             values.update(self._encoder_step(batches[0]))
         self._steps_done = step + 1

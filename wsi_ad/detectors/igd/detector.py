@@ -55,7 +55,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -90,6 +89,7 @@ class IGD(Detector):
     paper = ("Chen et al., Deep One-Class Classification via Interpolated Gaussian Descriptor (AAAI 2022); "
              "official code tianyu0207/IGD")
     config_class = IGDConfig
+    random_salt = 0x16D
     score_units = ("IGD score: weighted MS-SSIM/MAE reconstruction loss and Gaussian-classifier loss "
                    "(unitless, 0 to about 1, higher = more anomalous)")
     map_reduction = ("per local-stride cell: score_local_weight x the highest local-patch score among the patches "
@@ -151,10 +151,6 @@ class IGD(Detector):
 
     # -- training -------------------------------------------------------------------------------------
 
-    def _random(self, step: int) -> torch.Generator:
-        seed = int(np.random.default_rng([self.config.train.seed, 0x16D, step]).integers(0, 2**63 - 1))
-        return torch.Generator(device=self.device).manual_seed(seed)
-
     @torch.no_grad()
     def before_step(self, pool, step: int) -> None:
         """The E-step, before step 0 and every ``estep_every`` steps: c and sigma2 of each model from the codes of
@@ -183,7 +179,7 @@ class IGD(Detector):
         for optimizer in (*self.optimizers.values(), *self.critic_optimizers.values()):
             for group in optimizer.param_groups:
                 group["lr"] = lr
-        rng = self._random(step)
+        rng = self.step_generator(step)
         values: dict[str, float] = {}
         total = 0.0
         for scale in self.models:

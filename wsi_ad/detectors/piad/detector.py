@@ -40,7 +40,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
 from wsi_ad.detectors.base import Detector, TrainingDivergedError
@@ -62,6 +61,7 @@ class PIAD(Detector):
     paper = ("Tuluptceva et al., Perceptual Image Anomaly Detection (ACPR 2019); "
              "official code ninatu/anomaly_detection")
     config_class = PIADConfig
+    random_salt = 0x91AD
     score_units = "relative perceptual L1 (unitless, higher = more anomalous)"
     map_reduction = ("per feature cell: channel mean of |f(x) - f(G(E(x)))| / the tile's mean |f(x)| "
                      "(map mean = tile score)")
@@ -136,11 +136,6 @@ class PIAD(Detector):
                                          size)}
         self.perceptual = PerceptualLoss(self._extractor, stats).to(self.device)
 
-    def _random(self, step: int) -> torch.Generator:
-        """The random stream of ``step``: a pure function of (train.seed, step), so a resumed run repeats it."""
-        seed = int(np.random.default_rng([self.config.train.seed, 0x91AD, step]).integers(0, 2**63 - 1))
-        return torch.Generator(device=self.device).manual_seed(seed)
-
     def _prior(self, n: int, rng: torch.Generator) -> torch.Tensor:
         return torch.randn(n, self.section.latent_dim, 1, 1, generator=rng, device=self.device)
 
@@ -166,7 +161,7 @@ class PIAD(Detector):
     def train_step(self, tiles: torch.Tensor, step: int) -> dict[str, float]:
         s = self.section
         batches = tiles.chunk(self.batches_per_step)
-        rng = self._random(step)
+        rng = self.step_generator(step)
         critic_losses: dict[str, float] = {}
         for x in batches[:-1]:
             critic_losses = self._critic_step(x, rng)        # the last update's losses are logged, as officially
