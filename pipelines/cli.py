@@ -162,9 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "finished tiles; OUT/stain_normalization.json records the target and every tile's fit.")
     norm.add_argument("src", type=Path, help="folder of tiles, searched recursively (e.g. an anomalib Folder dataset)")
     norm.add_argument("out", type=Path, help="output folder: the same tree and file names, normalized")
-    norm.add_argument("--stain-target", metavar="IMAGE_SLIDE_OR_JSON[:X,Y,W,H]",
+    norm.add_argument("--stain-target", metavar="IMAGE_SLIDE_OR_JSON[:X,Y,W,H]|reference",
                       help="the stain to normalize to (default: fitted on SRC/train/good, else on every tile of SRC); "
-                           "another folder's stain_normalization.json reuses its target")
+                           "'reference': the stain `wsi-ad process` normalizes slides to (use it for a model trained "
+                           "on slides, and where the training tiles are mostly lymphocytes: their fitted eosin vector "
+                           "comes out nearly parallel to haematoxylin and turns pink stroma purple); another folder's "
+                           "stain_normalization.json reuses its target")
     norm.add_argument("--group-pattern", metavar="REGEX",
                       help="regular expression on file names whose first group names the source slide: one stain "
                            "fit per slide (pooled over its tiles) instead of one per tile")
@@ -249,10 +252,13 @@ def _tiling_for_model(model: Path, config):
 
 def _stain_target(spec: str):
     """``PATH`` or ``PATH:X,Y,W,H`` (level-0 region of a slide) -> the fitted target, with its method logged;
-    a ``.json`` file (a stain fit, or a normalized tile folder's record) -> the target it holds."""
-    from wsi_ad.stain import fit_target
+    a ``.json`` file (a stain fit, or a normalized tile folder's record) -> the target it holds; ``reference`` ->
+    the pipeline's reference stain (:data:`wsi_ad.stain.DEFAULT_TARGET`, what slides are normalized to)."""
+    from wsi_ad.stain import DEFAULT_TARGET, fit_target
     from wsi_ad.tile_stain import load_target
 
+    if spec == "reference":
+        return DEFAULT_TARGET
     if spec.lower().endswith(".json"):
         if not Path(spec).is_file():
             raise WsiAdError(f"--stain-target {spec}: file not found")
