@@ -23,9 +23,12 @@ Maps: the (h, w) grid of patch distances, each cell ``image_size / w`` px of the
 Departures, each for a reason:
 
 - Input: 64 px tiles at 10x (the pipeline's tiles), optionally enlarged by ``upsample`` before the backbone, instead
-  of 256 px images centre-cropped to 224; efficientnet_lite0 ``block2`` + ``block4`` (strides 4 and 8, the only
-  ImageNet weights shipped offline) on the CPU, so that the 64 px tile still gets a 16 x 16 patch grid; the paper
-  configuration names ``resnet18`` ``layer2`` + ``layer3`` (the paper's WideResNet-50-2 is not registered).
+  of 256 px images centre-cropped to 224; efficientnet_lite0 (the only ImageNet weights shipped offline) on the CPU.
+  The layer pair is a config choice: PatchCore's mid-level ``block2`` + ``block4`` (strides 4 and 8, a 16 x 16 patch
+  grid on a 64 px tile; the class default) or, in ``configs/knn_cpu.yaml``, ``block7`` + ``block10`` (stride 16, a
+  4 x 4 grid), which the weakly-supervised selection on real Camelyon16 patches preferred
+  (``benchmarks/bench_real_patches.py``); the paper configuration names ``resnet18`` ``layer2`` + ``layer3`` (the
+  paper's WideResNet-50-2 is not registered).
 - Bounded memory for any number of tiles: the coreset is taken chunk by chunk (``chunk_tiles`` tiles; one chunk =
   exactly the paper's coreset), and the union of the chunks' coresets is reduced again to ``max_bank`` entries when it
   grows past twice that (a merge-and-reduce coreset; the paper holds every patch feature at once).
@@ -65,8 +68,9 @@ class FeatureKNN(Detector):
     ``image_size``: at most n·S²·3 (the chunk's uint8 tiles) + 4·(D + d + 3)·(n·P + 2·M + ⌈r·n·P⌉) + 4·M·D (the
     chunk's features and the union of coresets, each with its projection and three distance vectors while it is
     reduced, and the reduced copy), plus one batch of ``train.batch_size`` tiles through the backbone; independent of
-    the number of tiles. E.g. ``configs/knn_cpu.yaml`` (n 1,024, P 256, D = d = 64, r 0.1, M 10⁶, S 64): 0.14 GB for
-    the chunk, 1.3 GB only once the union passes 2M entries (a pool of about 78k tiles). Scoring holds the bank,
+    the number of tiles. E.g. ``configs/knn_cpu.yaml`` (n 1,024, P 16, D 192, d 128, r 0.1, M 10⁶, S 64): 0.04 GB for
+    the chunk; the union grows by r·P = 1.6 entries a tile (about 0.5 GB in all at 100k tiles) and is reduced once
+    it passes 2M entries (3.4 GB, a pool of about 1.25M tiles). Scoring holds the bank,
     4·K·(D + 1) bytes with K <= M, and 64 MiB distance blocks (:data:`~wsi_ad.detectors.knn.memory.SEARCH_BLOCK`).
     """
 
