@@ -123,3 +123,15 @@ def test_one_fit_per_source_slide_with_a_group_pattern_and_workers(two_hospital_
     # the slide's pooled fit and per-tile fits land on the same stain (0.006 OD apart here; 0.16 unnormalized)
     assert abs(_mean_od(out / "good") - _mean_od(tmp_path / "per_tile" / "good")).sum() < 0.03
 
+
+
+def test_reference_target_is_the_stain_slides_are_normalized_to(two_hospital_folder, tmp_path):
+    from wsi_ad.stain import DEFAULT_TARGET
+
+    out = tmp_path / "reference"
+    assert main(["normalize-tiles", str(two_hospital_folder), str(out), "--stain-target", "reference"]) == 0
+    target = load_target(out / MANIFEST_NAME)
+    np.testing.assert_allclose(target.stain_matrix, DEFAULT_TARGET.stain_matrix)
+    np.testing.assert_allclose(target.max_concentrations, DEFAULT_TARGET.max_concentrations)
+    fitted = fit_tiles_target(list_images(two_hospital_folder / "train" / "good"))
+    assert not np.allclose(fitted.stain_matrix, DEFAULT_TARGET.stain_matrix, atol=1e-3)   # not the default fit
