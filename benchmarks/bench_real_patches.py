@@ -60,7 +60,8 @@ from wsi_ad.atomic import write_text_atomic  # noqa: E402
 from wsi_ad.config import Config  # noqa: E402
 from wsi_ad.metrics import bootstrap_auc_ci, roc_auc  # noqa: E402
 
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "patches" / "camelyon16_l0_256"
+#: The patches: under ``$WSI_AD_TEST_DATA`` when set (as the tests), else ``../shared/data`` beside the repository.
+DEFAULT_DATA = Path(os.environ.get("WSI_AD_TEST_DATA") or REPO.parent / "shared" / "data") / "patches" / "camelyon16_l0_256"
 #: µm/px of the patches (Camelyon16 level 0, the figure PCam's authors give).
 PATCH_MPP = 0.243
 #: Tumour slides whose patches select hyperparameters (weakly-supervised validation anomalies); never tested on.
@@ -187,18 +188,34 @@ def table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/wsi-ad-bench-real"))
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the patches (default: %(default)s)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/wsi-ad-bench-real"),
+                        help="work folder: laid-out data and models, reused by a re-run (default: %(default)s)")
     parser.add_argument("--rows", default=",".join(CONFIGS["cpu"]),
-                        help="detectors (their cpu configs), comma-separated; '' for only --config rows")
-    parser.add_argument("--config", action="append", default=[], metavar="NAME=CONFIG.yaml")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+                        help="detectors (their cpu configs), comma-separated; '' for only --config rows "
+                             "(default: %(default)s)")
+    parser.add_argument("--config", action="append", default=[], metavar="NAME=CONFIG.yaml", help="another row")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="MAGNIFICATION-PIXELS, MAGNIFICATION one of 10x, 20x, 40x, cfg (the config's own), PIXELS "
+                             "one of raw, norm, normtrain (default: %(default)s)")
     parser.add_argument("--variant-rows", action="append", default=[], metavar="VARIANT=ROW,ROW",
                         help="the rows run for that variant (default: every row)")
-    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per row (default: %(default)s)")
     parser.add_argument("--select", action="store_true", help="rank the --config rows on the selection set")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "real_patches.json")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "real_patches.json",
+                        help="report JSON, the table beside it as .md; not written when no row succeeded "
+                             "(default: %(default)s)")
     args = parser.parse_args(argv)
+    unknown = [name for name in filter(None, args.rows.split(",")) if name not in CONFIGS["cpu"]]
+    if unknown:
+        parser.error(f"--rows: no CPU config for {', '.join(unknown)} (known: {', '.join(CONFIGS['cpu'])})")
+    for variant in filter(None, args.variants.split(",")):
+        magnification, _, kind = variant.partition("-")
+        if magnification not in ("10x", "20x", "40x", "cfg") or kind not in ("raw", "norm", "normtrain"):
+            parser.error(f"--variants: {variant!r} is not MAGNIFICATION-PIXELS (e.g. 10x-norm)")
+    for spec in args.config:
+        if "=" not in spec or not Path(spec.partition("=")[2]).is_file():
+            parser.error(f"--config {spec}: expected NAME=CONFIG.yaml with an existing file")
     if not (args.data / "labels.csv").is_file():
         print(f"{args.data}: the real patches are missing (labels.csv not found)", file=sys.stderr)
         return 2
@@ -229,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{variant} {name}: FAILED ({type(exc).__name__}: {exc})")
                     results.append({"row": name, "variant": variant, "seed": seed, "error": str(exc)})
     ok = [r for r in results if "error" not in r]
+    if not ok:
+        print("no row succeeded: nothing written", file=sys.stderr)
+        return 1
     report = {
         "benchmark": "bench_real_patches" + (" --select" if args.select else ""),
         "date": datetime.date.today().isoformat(),

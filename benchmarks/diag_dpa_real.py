@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
                              "weakly-supervised protocol")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "dpa_real_diagnosis.json")
     args = parser.parse_args(argv)
+    unknown = [name for name in filter(None, args.variants.split(",")) if name not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
     if not (args.data / "labels.csv").is_file():
         print(f"{args.data}: the real patches are missing (labels.csv not found)", file=sys.stderr)
         return 2

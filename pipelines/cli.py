@@ -163,9 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     norm.add_argument("src", type=Path, help="folder of tiles, searched recursively (e.g. an anomalib Folder dataset)")
     norm.add_argument("out", type=Path, help="output folder: the same tree and file names, normalized")
     norm.add_argument("--stain-target", metavar="IMAGE_SLIDE_OR_JSON[:X,Y,W,H]|reference",
-                      help="the stain to normalize to (default: fitted on SRC/train/good, else on every tile of SRC); "
-                           "'reference': the stain `wsi-ad process` normalizes slides to (use it for a model trained "
-                           "on slides, and where the training tiles are mostly lymphocytes: their fitted eosin vector "
+                      help="the stain to normalize to (default: the target OUT records from an earlier run, else one "
+                           "fitted on SRC/train/good, else on every tile of SRC); 'reference': the stain "
+                           "`wsi-ad process` normalizes slides to (use it for a model trained on slides, and where "
+                           "the training tiles are mostly lymphocytes: their fitted eosin vector "
                            "comes out nearly parallel to haematoxylin and turns pink stroma purple); another folder's "
                            "stain_normalization.json reuses its target")
     norm.add_argument("--group-pattern", metavar="REGEX",
