@@ -149,23 +149,25 @@ class _SlideData(_Data):
 
     def __init__(self, root: Path, work: Path, echo, workers: int | None = None):
         from pipelines.camelyon16 import Camelyon16Layout
-        from pipelines.process import BatchConfig, run_batch
 
         self.layout = Camelyon16Layout(root)
         self.layout.check(training=True)
         self.work, self.workers = work, workers
         echo("Preprocessing the normal training slides ...")
-        prepared = run_batch([self.layout.training_normal], work / "training_normal", BatchConfig(),
-                             echo=lambda line: echo("    " + line), workers=workers)
-        self.train_paths = [Path(r["store"]) for r in prepared.results if r["status"] == "ok" and r.get("n_tiles")]
-        if not self.train_paths:
-            raise CompareError(f"no normal training slide of {root} gave tiles; see {prepared.report_html}")
+        self.train_paths = self._stores(self.layout.training_normal, "training_normal", "normal training slide", echo)
         echo("Preprocessing the test slides ...")
-        tested = run_batch([self.layout.testing_images], work / "testing", BatchConfig(),
-                           echo=lambda line: echo("    " + line), workers=workers)
-        self.test_stores = [Path(r["store"]) for r in tested.results if r["status"] == "ok" and r.get("n_tiles")]
-        if not self.test_stores:
-            raise CompareError(f"no test slide of {root} gave tiles; see {tested.report_html}")
+        self.test_stores = self._stores(self.layout.testing_images, "testing", "test slide", echo)
+
+    def _stores(self, slides: Path, name: str, what: str, echo) -> list[Path]:
+        """Preprocess the ``slides`` folder into ``work/name``: the stores that gave tiles (CompareError if none)."""
+        from pipelines.process import BatchConfig, run_batch
+
+        batch = run_batch([slides], self.work / name, BatchConfig(), echo=lambda line: echo("    " + line),
+                          workers=self.workers)
+        stores = [Path(r["store"]) for r in batch.results if r["status"] == "ok" and r.get("n_tiles")]
+        if not stores:
+            raise CompareError(f"no {what} of {self.layout.root} gave tiles; see {batch.report_html}")
+        return stores
 
     def evaluate(self, model: Path, run: Path, device: str, echo) -> dict:
         from pipelines.camelyon16 import evaluate_run
