@@ -82,7 +82,7 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def layout(data: Path, work: Path) -> dict:
-    """Lay out ``WORK/data/raw`` and ``WORK/data/norm`` (module docstring); returns ``{file name: labels.csv row}``."""
+    """Lay out ``WORK/data/<raw|norm|normtrain>`` (module docstring); returns ``{file name: labels.csv row}``."""
     from wsi_ad.stain import DEFAULT_TARGET
     from wsi_ad.tile_stain import normalize_tile_folder
 
@@ -131,7 +131,7 @@ def _aucs(scores_csv: Path, labels: dict) -> dict:
         out[f"auc_{key}"] = round(roc_auc(y, s), 4)
         out[f"ci_{key}"] = [round(v, 4) for v in bootstrap_auc_ci(y, s, n_boot=2000, seed=0)]
         out[f"n_normal_{key}"] = len(y) - sum(y)
-    # mean score of each class, to see which way a detector ranks (an AUC below 0.5 is an inversion)
+    # median score of each class, to see which way a detector ranks (an AUC below 0.5 is an inversion)
     scores = np.array([s for _, _, s in rows])
     ys = np.array([y for _, y, _ in rows])
     out["median_score_tumor"] = float(np.median(scores[ys == 1]))
@@ -139,30 +139,15 @@ def _aucs(scores_csv: Path, labels: dict) -> dict:
     return out
 
 
-def _drop_stale(run: Path, config: Config) -> None:
-    """Remove this benchmark's earlier run of a row whose config has changed since (its model would be refused)."""
-    import shutil
-
-    from wsi_ad.config import training_identity
-    from wsi_ad.detectors.checkpoint import load_checkpoint
-
-    model = run / "model.pt"
-    if model.is_file():
-        try:
-            same = training_identity(Config.from_dict(load_checkpoint(model)["config"])) == training_identity(config)
-        except Exception:  # noqa: BLE001 - an unreadable earlier model is stale too
-            same = False
-        if not same:
-            shutil.rmtree(run)
-
-
 def run_row(name: str, config: Config, variant: str, root: Path, work: Path, seed: int, labels: dict, echo,
             source: str | None = None) -> dict:
-    """Train (or reuse) ``config`` with seed + ``seed`` on ``root/train/good`` into ``work/runs/<variant>/<name>/``,
-    score ``root/test`` and return the row's record (AUCs of :func:`_aucs`, timings, ``run``: the run folder)."""
+    """Train (or reuse) ``config`` with seed + ``seed`` on ``root/train/good`` into
+    ``work/runs/<variant>/<name>/seed<k>-<candidate id>/`` (a changed config trains into a new folder), score
+    ``root/test`` and return the row's record (AUCs of :func:`_aucs`, timings, ``run``: the run folder)."""
+    from wsi_ad.tuning import candidate_id
+
     config = replace(config, train=replace(config.train, seed=config.train.seed + seed, device="cpu"))
-    run = work / "runs" / variant / name / f"seed{config.train.seed}"
-    _drop_stale(run, config)
+    run = work / "runs" / variant / name / f"seed{config.train.seed}-{candidate_id(config)}"
     record = run_one(config, _FolderData(root), run, "cpu", lambda line: None)
     out = {"row": name, "config": source, "detector": config.detector, "variant": variant, "run": str(run),
            "seed": config.train.seed, "train_seconds": record["train_seconds"], "iterations": record["iterations"],

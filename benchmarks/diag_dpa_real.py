@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench_real_patches import DEFAULT_DATA, PATCH_MPP, _config, layout, run_row  # noqa: E402
+from bench_real_patches import DEFAULT_DATA, FILE_SLIDE, PATCH_MPP, _config, layout, run_row  # noqa: E402
 
 from wsi_ad.atomic import write_text_atomic  # noqa: E402
 from wsi_ad.metrics import roc_auc  # noqa: E402
@@ -57,7 +57,7 @@ def _subset(root: Path, per_slide: int) -> Path:
     out = root.parent / f"{root.name}-train{per_slide}"
     taken: dict[str, int] = {}
     for path in sorted((root / "train" / "good").iterdir()):
-        slide = path.name.split("_x")[0]
+        slide = FILE_SLIDE.match(path.name).group(1)
         if taken.get(slide, 0) < per_slide:
             taken[slide] = taken.get(slide, 0) + 1
             dst = out / "train" / "good" / path.name

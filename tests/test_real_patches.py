@@ -34,7 +34,7 @@ def real_patches(shared_data: Path) -> Path:
     return root
 
 
-def test_cpu_knn_ranks_real_tumour_above_real_normal(real_patches, tmp_path, capsys):
+def test_cpu_knn_ranks_real_tumour_above_real_normal(real_patches, tmp_path):
     normalized, model, out = tmp_path / "normalized", tmp_path / "knn.pt", tmp_path / "eval"
     assert main(["normalize-tiles", str(real_patches), str(normalized),
                  "--stain-target", "reference", "--group-pattern", r"^(.*)_x\d+_y\d+", "--workers", "2"]) == 0

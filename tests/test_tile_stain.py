@@ -124,7 +124,6 @@ def test_one_fit_per_source_slide_with_a_group_pattern_and_workers(two_hospital_
     assert abs(_mean_od(out / "good") - _mean_od(tmp_path / "per_tile" / "good")).sum() < 0.03
 
 
-
 def test_reference_target_is_the_stain_slides_are_normalized_to(two_hospital_folder, tmp_path):
     from wsi_ad.stain import DEFAULT_TARGET
 
