@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, default=16384,
                        help="level-0 width and height in pixels at 0.243 µm/px (default: %(default)s)")
     synth.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default: %(default)s)")
+    synth.add_argument("--tissue", choices=("simple", "lymph-node"), default=None,
+                       help="how tissue is drawn: 'simple' (the original look: lymphocytes on stroma, dark tumour "
+                            "nuclei) or 'lymph-node' (adds capsule, follicles, sinuses, fat, vessels and blood, blur; "
+                            "tumour nuclei larger and paler, not darker) (default: wsi_ad.synth.DEFAULT_TISSUE, simple)")
     synth.set_defaults(handler=_cmd_synth)
 
     process = sub.add_parser("process", help="tissue-mask and tile slides (files or folders) into zarr stores")
@@ -187,7 +191,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from wsi_ad.synth import synthesize_dataset
 
     dataset = synthesize_dataset(args.out, n_normal=args.normal, n_tumor=args.tumor, n_test=args.test,
-                                 size_px=args.size, seed=args.seed)
+                                 size_px=args.size, seed=args.seed,
+                                 **({} if args.tissue is None else {"tissue": args.tissue}))
     print(dataset.describe())
     return 0
 

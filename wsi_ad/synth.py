@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
+import dataclasses
 import io
 import math
 import os
@@ -68,6 +69,15 @@ THUMBNAIL_MAX = 1024
 TIFF_BUFFER_BYTES = 16 * 2**20
 
 _APERIO_HEADER = "Aperio Image Library v12.0.0 \r\n"
+
+#: How the tissue is drawn. ``"simple"``: crowded lymphocytes on pink stroma; tumour of large, dark (hyperchromatic)
+#: nuclei (the original look; every figure before the ``lymph-node`` mode was made with it). ``"lymph-node"``: the
+#: same lymphoid background with the rare structures of a real node (fibrous capsule at the tissue's edges, lymphoid
+#: follicles with germinal centres, sinuses, adipose tissue, vessels and haemorrhage with red blood cells,
+#: out-of-focus patches), and tumour that differs from lymphocytes by nuclear size, vesicular chromatin with a
+#: nucleolus and cohesion rather than by darkness (see :func:`_normal_tissue_ln`, :func:`_tumor_tissue_ln`).
+TISSUE_MODES = ("simple", "lymph-node")
+DEFAULT_TISSUE = "simple"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -253,6 +263,8 @@ class _Scene:
     lymph_radius: float  # semi-major axis of a lymphocyte nucleus (px)
     tumor_radius: tuple[float, float]  # range of tumour nucleus semi-major axes (px)
     background_tiles: list[np.ndarray] = field(default_factory=list)
+    tissue: str = "simple"  # one of TISSUE_MODES
+    edge_field: np.ndarray | None = None  # "lymph-node": coarse distance (level-0 px) to the tissue's edge, at FIELD_DS
 
 
 def _grid_cell(size_um: float, mpp: float) -> int:
@@ -409,8 +421,11 @@ def _pen_strokes(rng: np.random.Generator, islands: list[_Island], width: int, h
 
 
 def _build_scene(width: int, height: int, seed: int, n_lesions: int, lesion_sizes_mm: Sequence[float] | None,
-                 stain: Stain, pen_marks: bool, mpp: float) -> _Scene:
-    """Derive the whole slide (islands, lesions, stain, pen, coarse fields) from ``seed``."""
+                 stain: Stain, pen_marks: bool, mpp: float, tissue: str = "simple") -> _Scene:
+    """Derive the whole slide (islands, lesions, stain, pen, coarse fields) from ``seed``; ``tissue`` is one of
+    :data:`TISSUE_MODES` (it changes only the rendering, not the islands, lesions, stain or pen)."""
+    if tissue not in TISSUE_MODES:
+        raise ValueError(f"unknown tissue mode {tissue!r} (known: {', '.join(TISSUE_MODES)})")
     rng = np.random.default_rng([seed, 0x5EED])
     islands = _place_islands(rng, width, height)
     if lesion_sizes_mm is None:
@@ -434,7 +449,18 @@ def _build_scene(width: int, height: int, seed: int, n_lesions: int, lesion_size
         tumor_cell=_grid_cell(15.6, mpp),
         lymph_radius=3.4 / mpp,
         tumor_radius=(5.2 / mpp, 9.8 / mpp),
+        tissue=tissue,
+        edge_field=_edge_field(islands, width, height) if tissue == "lymph-node" else None,
     )
+
+
+def _edge_field(islands: list[_Island], width: int, height: int) -> np.ndarray:
+    """Coarse (FIELD_DS) distance in level-0 px from each point inside an island to the island's edge (0 outside)."""
+    shape = _coarse_shape(width, height)
+    mask = np.zeros(shape, dtype=bool)
+    for island in islands:
+        mask |= polygon_mask(island.vertices, shape, FIELD_DS)
+    return (ndi.distance_transform_edt(mask) * FIELD_DS).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -598,6 +624,327 @@ def _tumor_tissue(scene: _Scene, x0: int, y0: int, w: int, h: int, irregular: np
     return c_h, c_e
 
 
+# --------------------------------------------------------------------------------------------------
+# The "lymph-node" tissue mode: rare normal structures, vesicular tumour
+# --------------------------------------------------------------------------------------------------
+
+# salts of the lymph-node mode's value noise (apart from every stream of the simple mode, which it leaves unchanged)
+(_S_FOLL, _S_SINUS, _S_SINUS_PATCH, _S_FAT, _S_VESSEL, _S_HAEM, _S_BLUR, _S_CAPW, _S_CAPWOB, _S_LN_NEST,
+ _S_VFILL) = range(101, 112)
+# salts of its hashed per-cell streams (hashed with salt * 16 + k, as _cell_params)
+_C_LN_LYMPH, _C_LN_RBC, _C_LN_TUMOR, _C_LN_FAT = 40, 41, 42, 43
+#: Optical density (R, G, B) of red blood cells (haemoglobin under eosin: orange-red), per unit concentration.
+RBC_OD = (0.12, 1.0, 0.85)
+#: Side (level-0 px) of the margin around a window within which the lymph-node zones are checked, so that a cell just
+#: outside the window (whose nucleus reaches into it) gets the same parameters whichever window renders it.
+_LN_CHECK_MARGIN = 128
+_LN_CHECK_STEP = 16
+#: Zones of the lymph-node mode and the lattice spacing (µm) of the noise each is cut from; see _ln_zone.
+_LN_ZONES = ("gc", "mantle", "sinus", "fat", "lumen", "wall", "haem", "blur", "capsule")
+
+
+def _ln_zone(scene: _Scene, name: str, x0: float, y0: float, w: int, h: int, step: float = 1.0,
+             loose: float = 0.0) -> np.ndarray:
+    """Weight in [0, 1] of one lymph-node zone, (h, w) float32 sampled at level-0 (x0 + (j + .5) step, y0 + (i + .5) step).
+
+    Zones are thresholded smooth noise (a pure function of the level-0 point, so windows agree), each covering a
+    few % of the tissue: ``gc`` germinal centres (~0.2-0.4 mm blobs), ``mantle`` their ring of dense small
+    lymphocytes (includes ``gc``), ``sinus`` winding pale channels, ``fat`` adipose patches, ``lumen`` / ``wall`` a
+    vessel's lumen (~30-60 µm) and wall, ``haem`` haemorrhage, ``blur`` out-of-focus patches, ``capsule`` the
+    fibrous band (10-45 µm) along the tissue's edge. ``loose`` > 0 (the coarse presence check) widens every zone by
+    the most the noise can change within ``loose`` level-0 px, so that a zone absent from a loose coarse sample is
+    absent from every pixel near it.
+    """
+    mpp, seed = scene.mpp, scene.seed
+
+    def vn(salt: int, spacing_um: float) -> tuple[np.ndarray, float]:
+        sp = spacing_um / mpp
+        # smoothstep value noise changes by at most 1.5 per lattice period along each axis
+        return value_noise(seed, salt, x0, y0, w, h, sp, step), 1.5 * 2.0 * loose / sp
+
+    if name in ("gc", "mantle"):
+        v, m = vn(_S_FOLL, 330.0)
+        return np.clip((v - (0.85 if name == "gc" else 0.82) + m) / 0.025, 0.0, 1.0)
+    if name == "sinus":
+        v, m = vn(_S_SINUS, 150.0)
+        patch, mp = vn(_S_SINUS_PATCH, 600.0)
+        ridge = np.clip((0.03 + m - np.abs(v - 0.5)) / 0.015, 0.0, 1.0)
+        return ridge * np.clip((patch - 0.58 + mp) / 0.04, 0.0, 1.0)
+    if name == "fat":
+        v, m = vn(_S_FAT, 420.0)
+        return np.clip((v - 0.78 + m) / 0.02, 0.0, 1.0)
+    if name in ("lumen", "wall"):
+        v, m = vn(_S_VESSEL, 100.0)
+        lumen = np.clip((v - 0.875 + m) / 0.012, 0.0, 1.0)
+        if name == "lumen":
+            return lumen
+        return np.clip((v - 0.855 + m) / 0.01, 0.0, 1.0) - (0.0 if loose else lumen)
+    if name == "haem":
+        v, m = vn(_S_HAEM, 260.0)
+        return np.clip((v - 0.87 + m) / 0.03, 0.0, 1.0)
+    if name == "blur":
+        v, m = vn(_S_BLUR, 500.0)
+        return np.clip((v - 0.90 + m) / 0.04, 0.0, 1.0)
+    if name == "capsule":
+        assert scene.edge_field is not None
+        d = sample_field(scene.edge_field, FIELD_DS, x0, y0, w, h, step)
+        wv, mw = vn(_S_CAPW, 500.0)
+        wob, mwob = vn(_S_CAPWOB, 40.0)
+        width = (10.0 + 35.0 * wv + 6.0 * (wob - 0.5)) / mpp
+        # the distance field moves by at most about one level-0 px per px (two along a diagonal)
+        slack = 2.0 * loose + (35.0 * mw + 6.0 * mwob) / mpp / 2.0 if loose else 0.0
+        return np.clip((width + slack - d) / (0.25 * width), 0.0, 1.0)
+    raise ValueError(name)
+
+
+def _ln_active(scene: _Scene, x0: int, y0: int, w: int, h: int) -> frozenset[str]:
+    """Zones that may be nonzero in the window or within _LN_CHECK_MARGIN of it (a coarse, loose check)."""
+    m, st = _LN_CHECK_MARGIN, _LN_CHECK_STEP
+    nw, nh = (w + 2 * m) // st, (h + 2 * m) // st
+    return frozenset(name for name in _LN_ZONES
+                     if _ln_zone(scene, name, x0 - m, y0 - m, nw, nh, st, loose=st).max() > 0.0)
+
+
+def _ln_zones(scene: _Scene, active: frozenset[str], x0: float, y0: float, w: int, h: int,
+              step: float = 1.0) -> dict[str, np.ndarray | float]:
+    """Every zone's weight at the samples ((h, w) float32), 0.0 (a scalar) for the zones not in ``active``."""
+    return {name: (_ln_zone(scene, name, x0, y0, w, h, step) if name in active else 0.0) for name in _LN_ZONES}
+
+
+def _ln_lymph_cells(scene: _Scene, active: frozenset[str], x0: int, y0: int, w: int, h: int) -> _Cells:
+    """Nucleus parameters of the lymph-node mode's normal tissue on the lymphocyte grid (as :func:`_cell_params`).
+
+    Each cell's nucleus type follows the zones at the cell's centre: small dark round lymphocytes (the bulk; dense
+    in a follicle's mantle), pale vesicular histiocytes (more in sinuses), larger pale vesicular centroblasts with a
+    nucleolus in germinal centres (4.3-5.7 µm semi-axis, about a small tumour nucleus), sparse elongated dense
+    fibroblast / endothelial nuclei in the capsule (along the edge), in vessel walls and in fat; none in a lumen.
+    ``amp`` is negative for vesicular nuclei (open chromatin, a rim and a nucleolus when drawn).
+    """
+    s, mpp = scene.lymph_cell, scene.mpp
+    cy0, cx0 = y0 // s - 1, x0 // s - 1
+    ncy, ncx = h // s + 2, w // s + 2
+    iy = np.arange(cy0, cy0 + ncy)[:, None]
+    ix = np.arange(cx0, cx0 + ncx)[None, :]
+
+    def u(k: int) -> np.ndarray:
+        return _hash_u01(scene.seed, _C_LN_LYMPH * 16 + k, iy, ix)
+
+    z = _ln_zones(scene, active, cx0 * s, cy0 * s, ncx, ncy, step=s)
+    density = value_noise(scene.seed, _S_DENSITY, cx0 * s, cy0 * s, ncx, ncy, 1800.0, step=s)
+    p = np.clip(0.2 + 1.1 * density, 0.25, 0.95)
+    gc = np.asarray(z["gc"])
+    mantle = np.clip(np.asarray(z["mantle"]) - gc, 0.0, 1.0)
+    flat = np.maximum(np.maximum(z["capsule"], z["wall"]), z["fat"])
+    for weight, target in ((mantle, 0.95), (gc, 0.85), (z["sinus"], 0.2), (z["capsule"], 0.10), (z["fat"], 0.06),
+                           (z["wall"], 0.4), (z["lumen"], 0.0)):
+        p = p * (1.0 - weight) + target * weight
+    p = p * (1.0 - 0.6 * np.asarray(z["haem"]))
+    present = u(0) < p
+    centro = u(8) < 0.8 * gc
+    fibro = ~centro & (u(8) < flat)
+    histio = ~centro & ~fibro & (u(1) < 0.08 + 0.4 * np.asarray(z["sinus"]))
+    a = scene.lymph_radius * (0.85 + 0.3 * u(2))
+    aspect = 1.0 + 0.3 * u(3)
+    amp = 1.25 + 0.45 * u(4)
+    a = np.where(histio, 1.45 * a, a)
+    aspect = np.where(histio, 1.2 + 0.4 * u(3), aspect)
+    amp = np.where(histio, -(0.6 + 0.2 * u(4)), amp)
+    a = np.where(centro, (4.3 + 1.4 * u(2)) / mpp, a)
+    aspect = np.where(centro, 1.0 + 0.35 * u(3), aspect)
+    amp = np.where(centro, -(0.8 + 0.25 * u(4)), amp)
+    a = np.where(fibro, (5.0 + 2.0 * u(2)) / mpp, a)
+    aspect = np.where(fibro, 3.0 + 2.0 * u(3), aspect)
+    amp = np.where(fibro, 1.0 + 0.3 * u(4), amp)
+    theta = np.pi * u(7)
+    if "capsule" in active:  # fibroblasts of the capsule lie along the tissue's edge (across the distance's gradient)
+        e = scene.edge_field
+        gx = (sample_field(e, FIELD_DS, cx0 * s + 16, cy0 * s, ncx, ncy, s)
+              - sample_field(e, FIELD_DS, cx0 * s - 16, cy0 * s, ncx, ncy, s))
+        gy = (sample_field(e, FIELD_DS, cx0 * s, cy0 * s + 16, ncx, ncy, s)
+              - sample_field(e, FIELD_DS, cx0 * s, cy0 * s - 16, ncx, ncy, s))
+        along = np.arctan2(gy, gx) + np.pi / 2 + 0.3 * (u(9) - 0.5)
+        theta = np.where(fibro & (np.asarray(z["capsule"]) > 0.5) & (np.hypot(gx, gy) > 1e-3), along, theta)
+    return _make_cells(s, cy0, cx0, iy, ix, present, a, aspect, amp, theta, u(5), u(6))
+
+
+def _make_cells(s: int, cy0: int, cx0: int, iy: np.ndarray, ix: np.ndarray, present: np.ndarray, a: np.ndarray,
+                aspect: np.ndarray, amp: np.ndarray, theta: np.ndarray, uy: np.ndarray, ux: np.ndarray) -> _Cells:
+    """Pack per-cell nucleus shapes into :class:`_Cells` (centres placed as :func:`_cell_params` places them)."""
+    a = np.minimum(a, 0.95 * s)
+    b = a / aspect
+    lo_c = np.maximum(0.0, a - s / 2)
+    hi_c = np.minimum(float(s), 1.5 * s - a)
+    ny = np.where(present, iy * s + lo_c + (hi_c - lo_c) * uy, _FAR).astype(np.float64)
+    nx = np.where(present, ix * s + lo_c + (hi_c - lo_c) * ux, _FAR).astype(np.float64)
+    c, sn = np.cos(theta), np.sin(theta)
+    f32 = np.float32
+    shape = np.broadcast_shapes(iy.shape, ix.shape)
+    return _Cells(cy0, cx0, np.broadcast_to(ny, shape), np.broadcast_to(nx, shape),
+                  np.broadcast_to(c / a, shape).astype(f32), np.broadcast_to(sn / a, shape).astype(f32),
+                  np.broadcast_to(c / b, shape).astype(f32), np.broadcast_to(sn / b, shape).astype(f32),
+                  np.broadcast_to(amp, shape).astype(f32))
+
+
+def _ln_rbc_cells(scene: _Scene, active: frozenset[str], x0: int, y0: int, w: int, h: int) -> _Cells:
+    """Red blood cells (discs of 3.2-3.8 µm radius, no nucleus) on the lymphocyte grid: packed in a vessel's lumen
+    (fewer where the vessel is partly empty), scattered in haemorrhage. ``amp`` is the RBC concentration."""
+    s, mpp = scene.lymph_cell, scene.mpp
+    cy0, cx0 = y0 // s - 1, x0 // s - 1
+    ncy, ncx = h // s + 2, w // s + 2
+    iy = np.arange(cy0, cy0 + ncy)[:, None]
+    ix = np.arange(cx0, cx0 + ncx)[None, :]
+
+    def u(k: int) -> np.ndarray:
+        return _hash_u01(scene.seed, _C_LN_RBC * 16 + k, iy, ix)
+
+    z = _ln_zones(scene, active, cx0 * s, cy0 * s, ncx, ncy, step=s)
+    fill = value_noise(scene.seed, _S_VFILL, cx0 * s, cy0 * s, ncx, ncy, 40.0 / mpp, step=s)
+    p = np.maximum(np.asarray(z["lumen"]) * np.clip(0.2 + 1.2 * fill, 0.0, 0.97), 0.55 * np.asarray(z["haem"]))
+    present = u(0) < p
+    a = (3.2 + 0.6 * u(2)) / mpp
+    aspect = 1.0 + 0.25 * u(3)
+    amp = 0.75 + 0.3 * u(4)
+    return _make_cells(s, cy0, cx0, iy, ix, present, a, aspect, amp, np.pi * u(7), u(5), u(6))
+
+
+def _adipocyte_membranes(scene: _Scene, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+    """Fat: (h, w) float32 in [0, 1], 1 on the thin (about 1.5 µm) membranes between adipocytes (Voronoi cells of
+    hashed points, about 60 µm across), 0 inside their empty vacuoles."""
+    g = 60.0 / scene.mpp
+    ys = y0 + np.arange(h) + 0.5
+    xs = x0 + np.arange(w) + 0.5
+    iy, ix = np.floor(ys / g).astype(np.int64), np.floor(xs / g).astype(np.int64)
+    ly = np.arange(iy.min() - 1, iy.max() + 2)
+    lx = np.arange(ix.min() - 1, ix.max() + 2)
+    py = (ly[:, None] + 0.15 + 0.7 * _hash_u01(scene.seed, _C_LN_FAT * 16, ly[:, None], lx[None, :])) * g
+    px = (lx[None, :] + 0.15 + 0.7 * _hash_u01(scene.seed, _C_LN_FAT * 16 + 1, ly[:, None], lx[None, :])) * g
+    ry, rx = (iy - ly[0])[:, None], (ix - lx[0])[None, :]
+    f1 = np.full((h, w), np.inf, dtype=np.float32)
+    f2 = np.full((h, w), np.inf, dtype=np.float32)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            gy, gx = ry + dy, rx + dx
+            d = np.hypot((ys[:, None] - py[gy, gx]).astype(np.float32), (xs[None, :] - px[gy, gx]).astype(np.float32))
+            f2 = np.minimum(f2, np.maximum(f1, d))
+            f1 = np.minimum(f1, d)
+    half = 1.0 / scene.mpp
+    return np.clip((2.0 * half - (f2 - f1)) / half, 0.0, 1.0)
+
+
+def _normal_tissue_ln(scene: _Scene, x0: int, y0: int, w: int, h: int, irregular: np.ndarray,
+                      chromatin: np.ndarray, stroma: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(c_H, c_E, c_RBC or None) of the lymph-node mode's normal tissue, each (h, w) float32: the simple mode's
+    lymphocytes and stroma plus the zones of :func:`_ln_zone` (follicles with germinal centres, sinuses, fat,
+    vessels and haemorrhage with red blood cells, out-of-focus patches, the fibrous capsule)."""
+    s = scene.lymph_cell
+    active = _ln_active(scene, x0, y0, w, h)
+    z = _ln_zones(scene, active, x0, y0, w, h)
+    cells = _ln_lymph_cells(scene, active, x0, y0, w, h)
+    d2, amp = _nearest_nucleus(cells, s, x0, y0, w, h)
+    vesicular = amp < 0
+    np.abs(amp, out=amp)
+    d2 += np.where(vesicular, 0.12, 0.25) * irregular
+    blur = z["blur"]
+    if "blur" in active:
+        edge = np.clip((1.0 + 0.45 * blur - d2) * (5.0 / (1.0 + 5.0 * blur)), 0.0, 1.0)
+        grain = chromatin * (1.0 - blur) + 0.5 * blur
+    else:
+        edge = np.clip((1.0 - d2) * 5.0, 0.0, 1.0)
+        grain = chromatin
+    rim = np.clip((d2 - 0.72) * 5.0, 0.0, 1.0)
+    nucleolus = np.clip((0.03 - d2) * 50.0, 0.0, 1.0)
+    dense_h = 0.8 + 0.4 * grain
+    open_h = 0.5 + 0.3 * rim + 0.3 * grain + 0.8 * nucleolus
+    c_h = 0.06 + amp * edge * np.where(vesicular, open_h, dense_h)
+    # interstitial white spaces between the cells (fixation retraction), a few µm across
+    fb = value_noise(scene.seed, _S_FIB_B, x0, y0, w, h, 24.0)
+    c_e = stroma * (1.0 - 0.45 * np.clip((fb - 0.7) * 3.3, 0.0, 1.0))
+    if "sinus" in active:
+        c_e = c_e * (1.0 - 0.55 * z["sinus"])
+    if "gc" in active:
+        c_e = c_e * (1.0 - z["gc"]) + (0.38 + 0.08 * fb) * z["gc"]  # pale cytoplasm of the germinal centre
+    if "capsule" in active:
+        cap = z["capsule"]
+        d = sample_field(scene.edge_field, FIELD_DS, x0, y0, w, h)
+        wave = np.sin(d * (2 * np.pi * scene.mpp / 7.0) + 5.0 * fb + 3.0 * chromatin * 0.3)
+        collagen = (0.72 + 0.12 * wave) * (1.0 - 0.75 * np.clip((wave - 0.9) * 10.0, 0.0, 1.0))
+        c_e = c_e * (1.0 - cap) + collagen * cap
+        c_h = c_h - 0.04 * cap
+    if "wall" in active:
+        c_e = c_e * (1.0 - z["wall"]) + (0.75 + 0.1 * fb) * z["wall"]
+    if "fat" in active:
+        fat = z["fat"]
+        mem = _adipocyte_membranes(scene, x0, y0, w, h)
+        keep = 1.0 - fat * (1.0 - mem)
+        c_e = c_e * keep + fat * mem * 0.45
+        c_h = c_h * (1.0 - fat * (1.0 - np.clip(1.5 * mem, 0.0, 1.0)))
+    if "lumen" in active:
+        c_e = c_e * (1.0 - z["lumen"]) + 0.12 * z["lumen"]  # pale plasma
+        c_h = c_h * (1.0 - 0.9 * z["lumen"])
+    if "blur" in active:
+        c_e = c_e * (1.0 - 0.5 * blur) + 0.5 * blur * 0.42
+    c_e = c_e * (1.0 - 0.7 * edge)
+    c_r = None
+    if "lumen" in active or "haem" in active:
+        rbc_cells = _ln_rbc_cells(scene, active, x0, y0, w, h)
+        rd2, ramp = _nearest_nucleus(rbc_cells, s, x0, y0, w, h)
+        disc = np.clip((1.0 - rd2) * 4.0, 0.0, 1.0) * (1.0 - 0.3 * np.clip(1.0 - 3.0 * rd2, 0.0, 1.0))
+        c_r = ramp * disc * (1.0 - edge)
+        c_e = c_e * (1.0 - 0.8 * disc)
+    return c_h, c_e, c_r
+
+
+def _tumor_tissue_ln(scene: _Scene, x0: int, y0: int, w: int, h: int, irregular: np.ndarray,
+                     chromatin: np.ndarray, stroma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(c_H, c_E), each (h, w) float32, of the lymph-node mode's metastatic carcinoma: cohesive sheets of large
+    (10-18 µm), round-to-oval, pleomorphic nuclei with VESICULAR chromatin (pale, finely granular, a thick nuclear
+    membrane and a prominent nucleolus) in ample pale amphophilic cytoplasm, split by thin stromal septa with
+    retraction clefts. A nucleus holds no more haematoxylin per pixel than a lymphocyte (it is larger, not darker)."""
+    s = scene.tumor_cell
+    cy0, cx0 = y0 // s - 1, x0 // s - 1
+    ncy, ncx = h // s + 2, w // s + 2
+    iy = np.arange(cy0, cy0 + ncy)[:, None]
+    ix = np.arange(cx0, cx0 + ncx)[None, :]
+
+    def u(k: int) -> np.ndarray:
+        return _hash_u01(scene.seed, _C_LN_TUMOR * 16 + k, iy, ix)
+
+    nest_sp = 140.0 / scene.mpp
+    cell_nest = value_noise(scene.seed, _S_LN_NEST, cx0 * s, cy0 * s, ncx, ncy, nest_sp, step=s)
+    present = (cell_nest > 0.12) & (u(0) < 0.97)
+    lo, hi = 6.0 / scene.mpp, 9.5 / scene.mpp
+    a = lo + (hi - lo) * u(2) ** 1.3
+    amp = 0.85 + 0.3 * u(4)
+    cells = _make_cells(s, cy0, cx0, iy, ix, present, a, 1.0 + 0.3 * u(3), amp, np.pi * u(7), u(5), u(6))
+    d2, amp_px = _nearest_nucleus(cells, s, x0, y0, w, h)
+    d2 += 0.2 * irregular
+    nest = value_noise(scene.seed, _S_LN_NEST, x0, y0, w, h, nest_sp)
+    in_nest = np.clip((nest - 0.07) * 10.0, 0.0, 1.0)
+    cleft = np.clip(1.0 - np.abs(nest - 0.082) / 0.005, 0.0, 1.0)  # retraction cleft around a sheet
+    edge = np.clip((1.0 - d2) * 6.0, 0.0, 1.0)
+    rim = np.clip((d2 - 0.75) * 6.0, 0.0, 1.0)
+    # about 80 % of the nuclei (hashed amplitude above 0.91) show a nucleolus
+    nucleolus = np.clip((0.025 - d2) * 50.0, 0.0, 1.0) * (amp_px > 0.91)
+    nucleus_h = amp_px * edge * (0.5 + 0.5 * chromatin + 0.3 * rim) + 0.6 * nucleolus
+    c_h = 0.05 + in_nest * 0.18 + nucleus_h
+    fb = value_noise(scene.seed, _S_FIB_B, x0, y0, w, h, 24.0)
+    cytoplasm = 0.24 + 0.12 * chromatin + 0.12 * fb
+    c_e = (stroma * (1.0 - in_nest) + cytoplasm * in_nest) * (1.0 - 0.45 * edge) + 0.25 * nucleolus
+    keep = 1.0 - 0.5 * cleft
+    c_h, c_e = c_h * keep, c_e * keep
+    # a few tumour-infiltrating lymphocytes (a fifth of the normal lymphocyte grid's nuclei), drawn over the tumour
+    lymph = _cell_params(scene, "lymph", x0, y0, w, h)
+    gy = np.arange(lymph.cy0, lymph.cy0 + lymph.ny.shape[0])[:, None]
+    gx = np.arange(lymph.cx0, lymph.cx0 + lymph.ny.shape[1])[None, :]
+    tils = _hash_u01(scene.seed, _C_LN_TUMOR * 16 + 15, gy, gx) < 0.2
+    lymph = dataclasses.replace(lymph, ny=np.where(tils, lymph.ny, _FAR), nx=np.where(tils, lymph.nx, _FAR))
+    ld2, lamp = _nearest_nucleus(lymph, scene.lymph_cell, x0, y0, w, h)
+    ledge = np.clip((1.0 - ld2 - 0.25 * irregular) * 5.0, 0.0, 1.0)
+    c_h = c_h * (1.0 - ledge) + (0.06 + lamp * (0.8 + 0.4 * chromatin)) * ledge
+    c_e = c_e * (1.0 - 0.7 * ledge)
+    return c_h, c_e
+
+
 def _background_tile(scene: _Scene, variant: int, w: int, h: int) -> np.ndarray:
     """Bare glass: background OD with slight per-pixel noise, (h, w, 3) uint8."""
     rng = np.random.default_rng([scene.seed, 0xB6, variant])
@@ -644,10 +991,17 @@ def render_region(scene: _Scene, x0: int, y0: int, w: int, h: int) -> np.ndarray
         irregular = value_noise(scene.seed, _S_IRREG, x0, y0, w, h, 7.0) - 0.5
         chromatin = value_noise(scene.seed, _S_CHROM, x0, y0, w, h, 2.5)
         stroma = _stroma(scene, x0, y0, w, h)
+        ln = scene.tissue == "lymph-node"
+        c_r = None
         if lesion is None or not lesion.all():
-            c_h, c_e = _normal_tissue(scene, x0, y0, w, h, irregular, chromatin, stroma)
+            if ln:
+                c_h, c_e, c_r = _normal_tissue_ln(scene, x0, y0, w, h, irregular, chromatin, stroma)
+            else:
+                c_h, c_e = _normal_tissue(scene, x0, y0, w, h, irregular, chromatin, stroma)
         if lesion is not None:
-            t_h, t_e = _tumor_tissue(scene, x0, y0, w, h, irregular, chromatin, stroma)
+            t_h, t_e = (_tumor_tissue_ln if ln else _tumor_tissue)(scene, x0, y0, w, h, irregular, chromatin, stroma)
+            if c_r is not None:
+                c_r = np.where(lesion, 0.0, c_r)
             if lesion.all():
                 c_h, c_e = t_h, t_e
             else:
@@ -657,6 +1011,10 @@ def render_region(scene: _Scene, x0: int, y0: int, w: int, h: int) -> np.ndarray
         c_e *= tissue * st.scale_e
         for ch in range(3):
             od[..., ch] = c_h * st.od_h[ch] + c_e * st.od_e[ch] + (st.background_od[ch] + noise)
+        if c_r is not None:
+            c_r *= tissue * st.scale_e
+            for ch in range(3):
+                od[..., ch] += c_r * RBC_OD[ch]
     else:
         for ch in range(3):
             od[..., ch] = st.background_od[ch] + noise
@@ -772,11 +1130,14 @@ def _render_band(scene: _Scene, by: int, padded_width: int) -> np.ndarray:
     return band
 
 
-def _aperio_description(width: int, height: int, level_w: int, level_h: int, mpp: float, first: bool, kind: str = "") -> str:
-    """Aperio-style ImageDescription: the level-0 page carries AppMag and MPP (OpenSlide's objective power and mpp)."""
+def _aperio_description(width: int, height: int, level_w: int, level_h: int, mpp: float, first: bool, kind: str = "",
+                        tissue: str = "simple") -> str:
+    """Aperio-style ImageDescription: the level-0 page carries AppMag and MPP (OpenSlide's objective power and mpp)
+    and, for a tissue mode other than ``simple`` (whose files stay as they were), ``SynthTissue``."""
     base = f"{_APERIO_HEADER}{width}x{height} [0,0 {width}x{height}] ({TIFF_TILE}x{TIFF_TILE})"
     if first:
-        return f"{base} JPEG/RGB Q={JPEG_QUALITY}|AppMag = {OBJECTIVE_POWER}|MPP = {mpp:.4g}"
+        extra = "" if tissue == "simple" else f"|SynthTissue = {tissue}"
+        return f"{base} JPEG/RGB Q={JPEG_QUALITY}|AppMag = {OBJECTIVE_POWER}|MPP = {mpp:.4g}{extra}"
     return f"{base} -> {level_w}x{level_h} JPEG/RGB Q={JPEG_QUALITY}{kind}"
 
 
@@ -809,7 +1170,7 @@ def _write_pyramid(path: Path, scene: _Scene, workers: int) -> list[tuple[int, i
         try:
             with tifffile.TiffWriter(path, bigtiff=bigtiff) as tw:
                 tw.write(level0_tiles(), shape=(height, width, 3), dtype=np.uint8, tile=(TIFF_TILE, TIFF_TILE),
-                         description=_aperio_description(width, height, width, height, mpp, True),
+                         description=_aperio_description(width, height, width, height, mpp, True, tissue=scene.tissue),
                          resolution=(px_per_cm, px_per_cm), maxworkers=workers, **common)
                 levels.close()
                 thumb = _thumbnail(levels)
@@ -871,6 +1232,7 @@ class SynthSlide:
     seed: int
     stain: str
     pen_marks: bool
+    tissue: str = "simple"
 
     @property
     def is_tumor(self) -> bool:
@@ -901,6 +1263,7 @@ def synthesize_slide(
     pen_marks: bool = False,
     mpp: float = CAMELYON_MPP,
     workers: int | None = None,
+    tissue: str = DEFAULT_TISSUE,
 ) -> SynthSlide:
     """Write one synthetic H&E lymph-node slide as a pyramidal tiled TIFF (Aperio-style) and describe it.
 
@@ -918,6 +1281,10 @@ def synthesize_slide(
         mpp: level-0 resolution in µm/px (written to the Aperio description and the TIFF resolution
             tags; nuclei and lesion sizes in µm/mm are converted with it).
         workers: rendering/compression threads (default: CPU count, at most 4).
+        tissue: how the tissue is drawn, one of :data:`TISSUE_MODES`: ``"simple"`` (the original look) or
+            ``"lymph-node"`` (rare normal structures, vesicular rather than dark tumour nuclei). It changes only
+            the pixels (islands, lesions, stain and pen are the same); recorded in ``SynthSlide.tissue`` and, in the
+            level-0 page's Aperio description, as ``SynthTissue`` (OpenSlide: ``aperio.SynthTissue``).
 
     Returns the ``SynthSlide`` (path, tumour annotations in level-0 px, mpp, level dimensions).
     """
@@ -932,12 +1299,12 @@ def synthesize_slide(
         n_lesions = len(lesion_sizes_mm)
     else:
         n_lesions = _lesion_count(seed, width, height, mpp) if tumor is True else int(tumor)
-    scene = _build_scene(width, height, seed, n_lesions, lesion_sizes_mm, stain_obj, pen_marks, mpp)
+    scene = _build_scene(width, height, seed, n_lesions, lesion_sizes_mm, stain_obj, pen_marks, mpp, tissue)
     workers = workers or min(4, os.cpu_count() or 1)
     path = Path(path)
     with atomic_path(path) as temp:
         dims = _write_pyramid(temp, scene, workers)
-    return SynthSlide(path, list(scene.lesions), mpp, dims, seed, stain_obj.name, pen_marks)
+    return SynthSlide(path, list(scene.lesions), mpp, dims, seed, stain_obj.name, pen_marks, tissue)
 
 
 def _lesion_count(seed: int, width: int, height: int, mpp: float) -> int:
@@ -979,6 +1346,9 @@ class SynthDataset:
         n_test_tumor = sum(label == "Tumor" for label in self.test_labels.values())
         lines = [f"wrote {self.root}: {len(self.normal)} normal + {len(self.tumor)} tumour training slides, "
                  f"{len(self.test)} test slides ({n_test_tumor} tumour), reference {self.reference_csv}"]
+        tissues = sorted({slide.tissue for slide in self.slides.values()})
+        if tissues != ["simple"]:
+            lines[0] += f" (tissue: {', '.join(tissues)})"
         for stem, slide in sorted(self.slides.items()):
             if slide.is_tumor:
                 lines.append(f"  {stem}: {len(slide.annotations)} lesion(s), largest {slide.largest_lesion_mm:.2f} mm "
@@ -1008,6 +1378,7 @@ def synthesize_dataset(
     size_px: int = 16384,
     seed: int = 0,
     workers: int | None = None,
+    tissue: str = DEFAULT_TISSUE,
 ) -> SynthDataset:
     """Write a Camelyon16-like dataset of synthetic slides under ``out_dir``.
 
@@ -1023,7 +1394,8 @@ def synthesize_dataset(
     Slides are ``size_px`` square (level-0 px, 0.243 µm/px), alternate between the two stain
     "hospitals", and some carry pen marks; the test set mixes tumour and normal slides (at least one
     of each when ``n_test >= 2``). Macro/Micro follows the largest lesion (> 2 mm is Macro). Every
-    file is written atomically; the same arguments give byte-identical files.
+    file is written atomically; the same arguments give byte-identical files. ``tissue`` is every slide's tissue
+    mode (:data:`TISSUE_MODES`; see :func:`synthesize_slide`).
     """
     root = Path(out_dir)
     rng = np.random.default_rng([seed, 0xDA7A])
@@ -1035,7 +1407,7 @@ def synthesize_dataset(
         pen = bool(rng.uniform() < 0.35)
         hospital = hospitals[(index + int(tumor)) % len(hospitals)]
         slide = synthesize_slide(root / folder / f"{stem}.tif", width_px=size_px, seed=slide_seed, tumor=tumor,
-                                 stain=hospital, pen_marks=pen, workers=workers)
+                                 stain=hospital, pen_marks=pen, workers=workers, tissue=tissue)
         slides[stem] = slide
         return slide
 
