@@ -234,3 +234,115 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="cannot place a 3.00 mm lesion"):
         synthesize_slide(tmp_path / "s.tif", width_px=8192, lesion_sizes_mm=[3.0])
     assert not list(tmp_path.iterdir())
+
+
+# -- the "lymph-node" tissue mode -------------------------------------------------------------------------------
+
+
+def _ln_scene(seed=7, lesion_mm=None, size=8192):
+    sizes = None if lesion_mm is None else [lesion_mm]
+    return _build_scene(size, size, seed, 0 if lesion_mm is None else 1, sizes, HOSPITAL_STAINS["A"], False,
+                        CAMELYON_MPP, tissue="lymph-node")
+
+
+def _zone_window(scene, name, size=512, threshold=0.9):
+    """Top-left (level-0, 128-aligned) of a ``size`` window centred on a point where zone ``name`` is >= threshold
+    and the tissue is solid, or None."""
+    from wsi_ad.synth import FIELD_DS, _ln_zone, sample_field
+
+    st = 64
+    n = scene.width // st
+    z = _ln_zone(scene, name, 0, 0, n, n, step=st)
+    tissue = sample_field(scene.tissue_field, FIELD_DS, 0, 0, n, n, step=st)
+    cand = np.argwhere((z >= threshold) & (tissue > (0.3 if name == "capsule" else 0.8)))
+    if not len(cand):
+        return None
+    y, x = cand[len(cand) // 2] * st
+    half = size // 2
+    return (int(np.clip(x // 128 * 128 - half, 0, scene.width - size)),
+            int(np.clip(y // 128 * 128 - half, 0, scene.height - size)))
+
+
+def test_tissue_modes_share_the_scene_and_simple_is_unchanged(tmp_path):
+    from wsi_ad.synth import DEFAULT_TISSUE, TISSUE_MODES
+
+    assert TISSUE_MODES == ("simple", "lymph-node") and DEFAULT_TISSUE in TISSUE_MODES
+    simple = _build_scene(4096, 4096, 3, 0, None, HOSPITAL_STAINS["A"], False, CAMELYON_MPP)
+    ln = _build_scene(4096, 4096, 3, 0, None, HOSPITAL_STAINS["A"], False, CAMELYON_MPP, tissue="lymph-node")
+    assert simple.tissue == "simple" and simple.edge_field is None
+    assert [i.center for i in simple.islands] == [i.center for i in ln.islands] and simple.stain == ln.stain
+    assert not np.array_equal(render_region(simple, 1536, 1536, 256, 256), render_region(ln, 1536, 1536, 256, 256))
+    with pytest.raises(ValueError, match="unknown tissue mode"):
+        _build_scene(4096, 4096, 3, 0, None, HOSPITAL_STAINS["A"], False, CAMELYON_MPP, tissue="liver")
+    slide = synthesize_slide(tmp_path / "ln.tif", width_px=4096, seed=3, tissue="lymph-node", workers=1)
+    assert slide.tissue == "lymph-node"
+    with openslide.OpenSlide(str(slide.path)) as osr:
+        assert osr.properties.get("aperio.SynthTissue") == "lymph-node"
+        assert float(osr.properties["openslide.mpp-x"]) == pytest.approx(CAMELYON_MPP, rel=1e-3)
+
+
+@pytest.mark.parametrize("zone", ["capsule", "fat", "lumen", "gc", "blur", None])
+def test_lymph_node_rendering_is_seamless_across_windows(zone):
+    """Every structure is a pure function of level-0 coordinates: one 512 px window == four 256 px windows."""
+    scene = _ln_scene(size=16384)
+    corner = (6144, 6144) if zone is None else _zone_window(scene, zone)
+    assert corner is not None, zone
+    x0, y0 = corner
+    whole = render_region(scene, x0, y0, 512, 512).astype(int)
+    parts = np.concatenate([
+        np.concatenate([render_region(scene, x0 + dx, y0 + dy, 256, 256) for dx in (0, 256)], axis=1)
+        for dy in (0, 256)], axis=0).astype(int)
+    assert whole.std() > 10
+    diff = np.abs(whole - parts)
+    assert diff.max() <= 6  # up to the glass's per-window noise (largest on white fat and glass)
+    assert np.percentile(diff, 99) <= 4 and diff.mean() < 2.0
+
+
+def test_lymph_node_structures_are_present_and_rare():
+    from wsi_ad.synth import _LN_ZONES, FIELD_DS, _ln_zone, sample_field
+
+    scene = _ln_scene(size=16384)
+    n = scene.width // 64
+    tissue = sample_field(scene.tissue_field, FIELD_DS, 0, 0, n, n, step=64) > 0.6
+    fractions = {name: float((_ln_zone(scene, name, 0, 0, n, n, step=64)[tissue] > 0.5).mean()) for name in _LN_ZONES}
+    for name in ("fat", "lumen", "gc", "capsule", "sinus"):
+        assert 0.002 < fractions[name] < 0.12, fractions
+    # fat: white vacuoles (glass-bright, unstained) split by thin pink membranes
+    x0, y0 = _zone_window(scene, "fat")
+    fat = render_region(scene, x0, y0, 512, 512).astype(int)
+    white = fat.min(axis=-1) > 225
+    assert 0.3 < white.mean() < 0.97
+    pink = (fat[..., 0] > fat[..., 1] + 30) & ~white
+    assert pink.mean() > 0.01
+    # vessels: red blood cells (red: green and blue both absorbed, no haematoxylin) in the lumen
+    x0, y0 = _zone_window(scene, "lumen")
+    vessel = render_region(scene, x0, y0, 512, 512).astype(int)
+    red = (vessel[..., 0] > 180) & (vessel[..., 1] < 140) & (vessel[..., 2] < 150)
+    assert red.mean() > 0.02
+    simple = _build_scene(16384, 16384, 7, 0, None, HOSPITAL_STAINS["A"], False, CAMELYON_MPP)
+    plain = render_region(simple, x0, y0, 512, 512).astype(int)
+    assert ((plain[..., 0] > 180) & (plain[..., 1] < 140) & (plain[..., 2] < 150)).mean() < 0.002
+
+
+def test_lymph_node_tumour_nuclei_are_larger_not_darker():
+    """Carcinoma nuclei of the lymph-node mode are larger than lymphocytes but hold no more haematoxylin per
+    pixel (vesicular), unlike the simple mode's hyperchromatic ones."""
+    scene = _ln_scene(seed=11, lesion_mm=0.9)
+    (lesion,) = scene.lesions
+    cx, cy = lesion.vertices.mean(axis=0)
+    tx, ty = int(cx) // 128 * 128 - 384, int(cy) // 128 * 128 - 384
+    assert fill_polygon(lesion.vertices, (768, 768), 1.0, (tx, ty)).all()
+    tumour = render_region(scene, tx, ty, 768, 768)
+    normal = None
+    for nx, ny in ((x, y) for y in range(1536, 6144, 768) for x in range(1536, 6144, 768)):
+        if fill_polygon(lesion.vertices, (768, 768), 1.0, (nx, ny)).any():
+            continue
+        window = render_region(scene, nx, ny, 768, 768)
+        if window.min(axis=-1).mean() < 150:  # solid lymphoid tissue
+            normal = window
+            break
+    assert normal is not None
+    t_radius, t_dark = _nucleus_stats(tumour)
+    n_radius, n_dark = _nucleus_stats(normal)
+    assert t_radius >= 1.6 * n_radius, (t_radius, n_radius)
+    assert t_dark <= n_dark, (t_dark, n_dark)
