@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_synth.py [--size 50000] [--seed 0] [--out DIR] [--workers N]
+    python benchmarks/bench_synth.py [--size 50000] [--seed 0] [--out DIR] [--workers N] [--tissue simple|lymph-node]
 
 Prints one JSON object to stdout: wall time (s), peak RSS of the process (MB, sampled with psutil
 every 50 ms and cross-checked with ``resource.getrusage``), output file size, level count and
@@ -29,19 +29,21 @@ from peak_rss import PeakRss  # benchmarks/peak_rss.py, beside this script
 from wsi_ad.synth import synthesize_slide
 
 
-def run(size: int, seed: int, out_dir: Path, workers: int | None) -> dict:
+def run(size: int, seed: int, out_dir: Path, workers: int | None, tissue: str = "simple") -> dict:
     """Synthesize one ``size`` x ``size`` tumour slide in ``out_dir`` and return the measurements."""
     path = out_dir / f"bench_{size}.tif"
     rss_before = psutil.Process().memory_info().rss
     load_before = os.getloadavg()[0]
     with PeakRss() as rss:
         start = time.perf_counter()
-        slide = synthesize_slide(path, width_px=size, seed=seed, tumor=True, pen_marks=True, workers=workers)
+        slide = synthesize_slide(path, width_px=size, seed=seed, tumor=True, pen_marks=True, workers=workers,
+                                 tissue=tissue)
         wall = time.perf_counter() - start
     return {
         "benchmark": "synthesize_slide",
         "size_px": [size, size],
         "seed": seed,
+        "tissue": tissue,
         "wall_s": round(wall, 2),
         "megapixels_per_s": round(size * size / 1e6 / wall, 2),
         "peak_rss_mb": round(rss.peak / 2**20, 1),
@@ -74,13 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="keep the slide in this directory")
     parser.add_argument("--workers", type=int, default=None, help="threads (default: CPU count, at most 4)")
+    parser.add_argument("--tissue", default="simple", help="tissue mode (wsi_ad.synth.TISSUE_MODES; default: %(default)s)")
     args = parser.parse_args(argv)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        result = run(args.size, args.seed, args.out, args.workers)
+        result = run(args.size, args.seed, args.out, args.workers, args.tissue)
     else:
         with tempfile.TemporaryDirectory(prefix="bench-synth-") as tmp:
-            result = run(args.size, args.seed, Path(tmp), args.workers)
+            result = run(args.size, args.seed, Path(tmp), args.workers, args.tissue)
     print(json.dumps(result, indent=2))
     return 0
 
