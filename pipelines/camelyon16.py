@@ -160,6 +160,7 @@ def run_camelyon16(data: str | Path, run: str | Path, *, model: str | Path | Non
         "slide": metrics["slide"],
         "tile": metrics["tile"],
         "froc": metrics["froc"],
+        "froc_official": metrics["froc_official"],
         "slides": metrics["slides"],
         "slide_statuses": SLIDE_STATUSES,
         "reference_results": list(REFERENCE_RESULTS),
@@ -207,6 +208,14 @@ SLIDE_STATUSES = {
 }
 
 
+#: The two ways the FROC's lesions are measured (``evaluate_run``'s ``froc`` and ``froc_official``).
+FROC_PROTOCOLS = {
+    "slide-mpp": "per-slide µm/px: each slide's own level-0 µm/px sizes the 75 µm dilation and the 275 µm "
+                 "isolated-tumour-cell limit",
+    "official": "official: 0.243 µm/px for every slide, as Evaluation_FROC.py",
+}
+
+
 def evaluate_run(results: list[dict], layout: Camelyon16Layout, roc: bool = False) -> dict:
     """Slide AUC, tile AUC and FROC of a scored run, with the whole reference as the denominator.
 
@@ -217,13 +226,17 @@ def evaluate_run(results: list[dict], layout: Camelyon16Layout, roc: bool = Fals
     false positives per slide (:func:`wsi_ad.metrics.froc`), and a slide without tiles adds none to the tile
     AUC (named in ``slides_without_tiles``). A metric that the data leave undefined (one class of tiles, no
     lesion larger than an isolated-tumour-cell cluster) is ``None`` with a ``note`` saying why; it never stops
-    the evaluation. Returns ``{"slide", "tile", "froc", "slides"}``; ``slides`` has one entry per reference row
+    the evaluation. Returns ``{"slide", "tile", "froc", "froc_official", "slides"}``: ``froc`` measures each
+    slide's lesions with its own µm/px, ``froc_official`` with 0.243 µm/px for every slide as the official script
+    (:data:`FROC_PROTOCOLS`; the same on slides scanned at 0.243 µm/px); ``slides`` has one entry per reference row
     (``slide_id``, ``label``, ``metastasis``, ``status``, ``slide_score``, ``n_tiles``, ``n_tumor_tiles``,
     ``n_lesions``, ``n_itc``, ``note``). With ``roc``, ``tile`` also holds the tile ROC curve (``roc``: ``fpr``,
     ``tpr``, at most 400 points)."""
     from wsi_ad.metrics import (
+        CAMELYON16_MPP,
         DEFAULT_FROC_EXCLUDE,
         MetricsError,
+        evaluation_mask,
         froc,
         normalize_slide_id,
         read_reference_csv,
@@ -239,6 +252,7 @@ def evaluate_run(results: list[dict], layout: Camelyon16Layout, roc: bool = Fals
     normal_tiles: dict[str, np.ndarray] = {}
     detections: dict[str, np.ndarray] = {}
     masks: dict = {}
+    official_masks: dict = {}
     no_mask: list[str] = []
     for row in reference:
         result = by_key.get(row.key)
@@ -252,7 +266,7 @@ def evaluate_run(results: list[dict], layout: Camelyon16Layout, roc: bool = Fals
         if normalize_slide_id(row.slide_id) in DEFAULT_FROC_EXCLUDE:
             _note(entry, "left out of the FROC, as in the official evaluation")
         if not row.is_tumor:
-            masks[row.slide_id] = None
+            masks[row.slide_id] = official_masks[row.slide_id] = None
             if scored is not None:
                 normal_tiles[row.slide_id] = scored["scores"]
                 detections[row.slide_id] = scored["detections"]
@@ -262,6 +276,8 @@ def evaluate_run(results: list[dict], layout: Camelyon16Layout, roc: bool = Fals
             no_mask.append(row.slide_id)
             continue
         masks[row.slide_id] = mask
+        official_masks[row.slide_id] = mask if mask.mpp0 == CAMELYON16_MPP else evaluation_mask(
+            annotations, mask.level0_size, mpp0=CAMELYON16_MPP)
         entry["n_lesions"], entry["n_itc"] = mask.n_lesions, len(mask.itc_labels)
         if mask.n_regions == 0:
             _note(entry, "its annotations hold no tumour region on the slide: no lesion to find, and every "
@@ -295,20 +311,25 @@ def evaluate_run(results: list[dict], layout: Camelyon16Layout, roc: bool = Fals
         tile["roc"] = {"fpr": points["fpr"], "tpr": points["tpr"]}
     tile["min_tumor_overlap"] = 1.0
     tile["slides_without_tiles"] = without
-    try:
-        froc_result = froc(detections, masks).as_dict()
-    except MetricsError as exc:             # e.g. no lesion larger than an ITC among the reference slides
-        n_itc = sum(e["n_itc"] or 0 for e in entries)
-        if n_itc:
-            exc = f"{exc} ({n_itc} isolated-tumour-cell cluster(s), which the official evaluation neither counts " \
-                  "nor penalizes)"
-        froc_result = {"score": None, "note": f"undefined: {exc}", "n_lesions": 0,
-                       "n_slides": sum(normalize_slide_id(s) not in DEFAULT_FROC_EXCLUDE for s in masks),
-                       "missing": [s for s in without if s in masks]}
-    if no_mask:
-        froc_result["not_evaluable"] = no_mask
-        froc_result["not_evaluable_note"] = "tumour slides whose lesions are unknown (no readable annotation file)"
-    return {"slide": slide, "tile": tile, "froc": froc_result, "slides": entries}
+    def froc_block(masks: dict, protocol: str) -> dict:
+        try:
+            block = froc(detections, masks).as_dict()
+        except MetricsError as exc:         # e.g. no lesion larger than an ITC among the reference slides
+            n_itc = sum(len(m.itc_labels) for m in masks.values() if m is not None)
+            if n_itc:
+                exc = f"{exc} ({n_itc} isolated-tumour-cell cluster(s), which the official evaluation neither " \
+                      "counts nor penalizes)"
+            block = {"score": None, "note": f"undefined: {exc}", "n_lesions": 0,
+                     "n_slides": sum(normalize_slide_id(s) not in DEFAULT_FROC_EXCLUDE for s in masks),
+                     "missing": [s for s in without if s in masks]}
+        block["protocol"] = protocol
+        if no_mask:
+            block["not_evaluable"] = no_mask
+            block["not_evaluable_note"] = "tumour slides whose lesions are unknown (no readable annotation file)"
+        return block
+
+    return {"slide": slide, "tile": tile, "froc": froc_block(masks, FROC_PROTOCOLS["slide-mpp"]),
+            "froc_official": froc_block(official_masks, FROC_PROTOCOLS["official"]), "slides": entries}
 
 
 def _note(entry: dict, text: str) -> None:
@@ -401,7 +422,8 @@ def results_table(results: dict) -> str:
         "tile_auc": f"{results['tile'].get('n_tumor_tiles', 0)} tumour / {results['tile'].get('n_normal_tiles', 0)} normal tiles",
         "froc": f"{results['froc'].get('n_lesions', 0)} lesion(s) on {results['froc'].get('n_slides', 0)} slides",
     }
-    names = {"slide_auc": "slide-level ROC AUC", "tile_auc": "tile-level ROC AUC", "froc": "FROC score"}
+    names = {"slide_auc": "slide-level ROC AUC", "tile_auc": "tile-level ROC AUC",
+             "froc": "FROC score (per-slide µm/px)"}
     lines = ["| metric | ours | on | published | by |", "|---|---|---|---|---|"]
     for metric in ("slide_auc", "tile_auc", "froc"):
         published = [r for r in REFERENCE_RESULTS if r["metric"] == metric]
@@ -413,6 +435,11 @@ def results_table(results: dict) -> str:
             lines.append(f"| {names[metric] if first else ''} | {mine if first else ''} | "
                          f"{counts[metric] if first else ''} | {ref['value']:.3f} | {ref['who']} |")
             first = False
+        official = results.get("froc_official")
+        if metric == "froc" and official is not None:
+            lines.append(f"| FROC score (official: 0.243 µm/px) | "
+                         f"{_fmt(official['score']) if official.get('score') is not None else 'undefined'} | "
+                         f"{official.get('n_lesions', 0)} lesion(s) on {official.get('n_slides', 0)} slides | | |")
     scored_only = slide_block.get("scored_only") or {}
     if unscored and scored_only.get("auc") is not None:
         lines.append(f"| slide AUC, scored slides only | {_fmt(scored_only['auc'])} | {scored_only['n_tumor']} / "

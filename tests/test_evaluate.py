@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 
 from pipelines.camelyon16 import REFERENCE_RESULTS, run_camelyon16
 from pipelines.cli import main
@@ -17,6 +18,7 @@ from wsi_ad.annotations import Annotation, read_asap_xml, write_asap_xml
 from wsi_ad.config import Config
 from wsi_ad.errors import WsiAdError
 from wsi_ad.metrics import tile_labels
+from wsi_ad.scoring import load_scores
 from wsi_ad.store import SlideStore
 
 #: The small 64 px model of the conftest, trained only briefly: the protocol's plumbing is under test here.
@@ -37,11 +39,33 @@ def test_camelyon16_protocol_on_a_synthetic_dataset_and_its_rerun(synth_dataset,
                              workers=2, echo=lines.append)
     saved = json.loads((run / "results.json").read_text())
     assert saved["slide"]["overall"]["n_tumor"] == 1 and saved["slide"]["overall"]["n_normal"] == 1
-    assert saved["slide"]["overall"]["auc"] in (0.0, 1.0)          # one slide of each class
+    # every metric is recomputed here from what the run stored: the scores and tiles of each test slide's store,
+    # its lesions from the ASAP XML (sklearn's AUC, tiles fully inside a lesion against every normal-slide tile)
+    report = json.loads((run / "testing" / "report.json").read_text())
+    labels = {r[0].lower(): r[1] for r in csv.reader((synth_dataset.root / "testing" / "reference.csv").open())}
+    positives, negatives, slide_scores = [], [], {}
+    for row in report["slides"]:
+        store = SlideStore.open(row["store"])
+        scores = load_scores(store, row["model_id"])
+        tiles = store.require("tiles")
+        slide_scores[labels[row["slide_id"].lower()]] = row["slide_score"]
+        if labels[row["slide_id"].lower()] == "Tumor":
+            xml = synth_dataset.root / "testing" / "lesion_annotations" / f"{row['slide_id'].lower()}.xml"
+            inside = tile_labels(np.asarray(tiles["coords"][:]), tuple(tiles.attrs["geometry"]["tile0"]),
+                                 read_asap_xml(xml))
+            positives.append(scores[inside == 1])
+        else:
+            negatives.append(scores)
+    pos, neg = np.concatenate(positives), np.concatenate(negatives)
+    assert saved["slide"]["overall"]["auc"] == float(slide_scores["Tumor"] > slide_scores["Normal"])
     tile = saved["tile"]
-    assert 0.0 <= tile["auc"] <= 1.0 and tile["n_tumor_tiles"] >= 5 and tile["n_normal_tiles"] > 100
+    assert (tile["n_tumor_tiles"], tile["n_normal_tiles"]) == (pos.size, neg.size) and pos.size >= 5
+    assert tile["auc"] == pytest.approx(roc_auc_score(np.r_[np.ones(pos.size), np.zeros(neg.size)], np.r_[pos, neg]))
     froc = saved["froc"]
-    assert froc["n_lesions"] >= 1 and 0.0 <= froc["score"] <= 1.0 and len(froc["sensitivities"]) == 6
+    assert froc["n_lesions"] >= 1 and len(froc["sensitivities"]) == 6
+    assert froc["score"] == pytest.approx(np.mean(froc["sensitivities"]))
+    # synthetic slides are scanned at 0.243 µm/px: the official FROC (0.243 µm/px for every slide) is the same
+    assert saved["froc_official"]["score"] == froc["score"] and saved["froc_official"]["protocol"].startswith("official")
     table = (run / "results.md").read_text()
     for ref in REFERENCE_RESULTS:                                     # the published numbers beside ours
         assert f"{ref['value']:.3f}" in table
@@ -88,7 +112,9 @@ def test_camelyon16_results_are_always_written_and_every_reference_slide_counts(
     assert [e["status"] for e in saved["slides"]] == ["scored", "scored"]
     assert saved["slides"][1]["n_lesions"] == 0 and saved["slides"][1]["n_itc"] == 1
     table = (run / "results.md").read_text()
-    assert "| tile-level ROC AUC | undefined |" in table and "| FROC score | undefined |" in table
+    assert "| tile-level ROC AUC | undefined |" in table and "| FROC score (per-slide µm/px) | undefined |" in table
+    assert "| FROC score (official: 0.243 µm/px) | undefined |" in table
+    assert saved["froc_official"]["score"] is None and saved["froc"]["protocol"].startswith("per-slide")
     assert "- tile-level ROC AUC undefined: tile AUC needs tumour and normal tiles" in table
     assert "undefined" in capsys.readouterr().out
     assert "isolated-tumour-cell cluster(s)" in froc["note"]

@@ -175,8 +175,9 @@ def test_image_folder_tiles_are_cropped_and_resized(tmp_path):
         discover_sources([tmp_path / "empty"], "10x", 64)
 
 
-def test_scores_per_tile_of_a_store_and_tumour_separation(slides, tmp_path):
-    """Scoring API on a tiny trained model: shapes, dtype, batch-size independence, size checks."""
+def test_scoring_api_shapes_batch_size_independence_and_size_checks(slides, tmp_path):
+    """Scoring API on a tiny trained model: shapes, dtype, the same scores whatever the batch size, size checks.
+    (Tumour separation is test_demo_model_scores_tumour_tiles_higher's.)"""
     config = _tiny()
     train([slides["normal"]], tmp_path / "s.pt", config, progress=False, echo=lambda *a: None)
     scorer = load_scorer(tmp_path / "s.pt", device="cpu")
