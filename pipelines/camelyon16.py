@@ -100,13 +100,21 @@ class Camelyon16Layout:
 def run_camelyon16(data: str | Path, run: str | Path, *, model: str | Path | None = None,
                    config: Config | None = None, tune: bool = False, tune_space: str | Path | None = None,
                    tune_slides: int = 2, tiles_per_slide: int | None = None, device: str = "auto",
-                   workers: int | None = None, scheduler: str | None = None, echo=print) -> dict:
-    """Run the protocol (module docstring); returns the results also written to ``RUN/results.json``."""
+                   workers: int | None = None, scheduler: str | None = None, slide_classifier: str | None = None,
+                   echo=print) -> dict:
+    """Run the protocol (module docstring); returns the results also written to ``RUN/results.json``.
+
+    ``slide_classifier="rf"`` also scores the training slides (normal and tumour) with the model and classifies the
+    test slides with a random forest on their heatmap features (:mod:`wsi_ad.slide_classifier`), reported as
+    ``slide_rf`` beside the slide AUC of each reducer (``slide_reducers``)."""
+    if slide_classifier not in (None, "rf"):
+        raise WsiAdError(f"unknown slide classifier {slide_classifier!r} (known: rf)")
     from wsi_ad.detectors.loop import train
 
     started = time.perf_counter()
     layout, run = Camelyon16Layout(Path(data)), Path(run)
-    layout.check(training=model is None, tumor_training=model is None and tune)
+    layout.check(training=model is None or slide_classifier is not None,
+                 tumor_training=(model is None and tune) or slide_classifier is not None)
     read_reference_csv(layout.reference)        # a bad row is an error now, not after hours of scoring
     run.mkdir(parents=True, exist_ok=True)
     cluster = {"workers": workers, "scheduler": scheduler}
@@ -152,12 +160,25 @@ def run_camelyon16(data: str | Path, run: str | Path, *, model: str | Path | Non
 
     step = time.perf_counter()
     metrics = evaluate_run(tested_results, layout)
+    reducers = slide_reducer_aucs(tested_results, layout)
     timings["metrics"] = time.perf_counter() - step
+    slide_rf = None
+    if slide_classifier == "rf":
+        step = time.perf_counter()
+        echo("Scoring the training slides for the slide classifier ...")
+        scored = BatchConfig(model=Path(model), device=device)
+        training = {label: run_batch([folder], run / name, scored, echo=indent, **cluster).results
+                    for label, folder, name in ((0, layout.training_normal, "training_normal"),
+                                                (1, layout.training_tumor, "training_tumor"))}
+        slide_rf = slide_forest(training, tested_results, layout)
+        timings["slide_classifier"] = time.perf_counter() - step
     results = {
         "data": str(layout.root), "run": str(run), "model": str(model),
         "model_id": next((r["model_id"] for r in tested_results if r.get("model_id")), None),
         "hyperparameter_selection": selection,
         "slide": metrics["slide"],
+        "slide_reducers": reducers,
+        "slide_rf": slide_rf,
         "tile": metrics["tile"],
         "froc": metrics["froc"],
         "froc_official": metrics["froc_official"],
@@ -175,6 +196,71 @@ def run_camelyon16(data: str | Path, run: str | Path, *, model: str | Path | Non
     echo(table)
     echo(f"\nResults: {run / 'results.json'}, {run / 'results.md'}" + (f"; report: {report}" if report else ""))
     return results
+
+
+def _heatmaps(results: list[dict]) -> dict[str, tuple]:
+    """{slide id: (Heatmap, tile scores)} of every scored slide of a batch (slides without a heatmap left out)."""
+    from wsi_ad.heatmap import load_heatmap
+    from wsi_ad.scoring import load_scores
+
+    out = {}
+    for r in results:
+        if r.get("status") == "ok" and r.get("model_id") and r.get("slide_score") is not None:
+            out[r["slide_id"]] = (load_heatmap(r["store"], r["model_id"]), load_scores(r["store"], r["model_id"]))
+    return out
+
+
+def slide_reducer_aucs(tested_results: list[dict], layout: Camelyon16Layout) -> dict:
+    """Slide AUC over the whole reference of each tile-score reducer (``max``, ``topk_mean``, ``percentile`` with
+    their default parameters, :func:`wsi_ad.heatmap.slide_score`), an unscored slide counted wrong as in ``slide``."""
+    from wsi_ad.heatmap import slide_score
+    from wsi_ad.metrics import slide_auc_report
+
+    reference = read_reference_csv(layout.reference)
+    heatmaps = _heatmaps(tested_results)
+    out = {}
+    for reducer in ("max", "topk_mean", "percentile"):
+        scores = {sid: slide_score(tiles, reducer) for sid, (_, tiles) in heatmaps.items()}
+        scores = {sid: s for sid, s in scores.items() if np.isfinite(s)}
+        try:
+            out[reducer] = slide_auc_report(reference, scores, missing="wrong")["overall"]["auc"]
+        except WsiAdError as exc:
+            out[reducer] = None
+            out[f"{reducer}_note"] = f"undefined: {exc}"
+    return out
+
+
+def slide_forest(training: dict[int, list[dict]], tested_results: list[dict], layout: Camelyon16Layout) -> dict:
+    """The Camelyon16 winner's slide classification (:mod:`wsi_ad.slide_classifier`): thresholds from the training
+    normal slides' tile scores, 28 heatmap features a slide, a random forest fitted on the training slides
+    (``training``: {0: normal batch results, 1: tumour batch results}), each test slide's probability of metastasis
+    and their slide AUC over the whole reference (an unscored slide counted wrong)."""
+    from wsi_ad.metrics import slide_auc_report
+    from wsi_ad.slide_classifier import FEATURE_NAMES, SlideForest, heatmap_features, thresholds_from_normals
+
+    def features(heatmap) -> np.ndarray:
+        cell_um = (heatmap.level0_per_cell[0] * heatmap.mpp_x, heatmap.level0_per_cell[1] * heatmap.mpp_y)
+        return heatmap_features(heatmap.values, cell_um, thresholds)
+
+    train = {label: _heatmaps(results) for label, results in training.items()}
+    thresholds = thresholds_from_normals([tiles for _, tiles in train[0].values()])
+    x, y = [], []
+    for label, heatmaps in train.items():
+        for heatmap, _ in heatmaps.values():
+            x.append(features(heatmap))
+            y.append(label)
+    forest = SlideForest(seed=0).fit(np.stack(x), y)
+    tested = _heatmaps(tested_results)
+    probabilities = dict(zip(tested, forest.predict(np.stack([features(h) for h, _ in tested.values()])),
+                             strict=True)) if tested else {}
+    report = slide_auc_report(read_reference_csv(layout.reference), probabilities, missing="wrong")
+    importances = dict(zip(FEATURE_NAMES, forest.forest_.feature_importances_.round(4).tolist(), strict=True))
+    return {"auc": report["overall"]["auc"], "overall": report["overall"], "thresholds": list(thresholds),
+            "n_training_slides": {"normal": len(train[0]), "tumor": len(train[1])},
+            "probabilities": {sid: float(p) for sid, p in probabilities.items()},
+            "feature_importances": importances,
+            "method": "random forest (200 trees, seed 0, balanced) on 28 heatmap features; thresholds: the 99th and "
+                      "99.9th percentile of the training normal slides' tile scores"}
 
 
 def _select(layout: Camelyon16Layout, run: Path, normal_stores: list[Path], base: Config, space, n_slides: int,
@@ -440,6 +526,14 @@ def results_table(results: dict) -> str:
             lines.append(f"| FROC score (official: 0.243 µm/px) | "
                          f"{_fmt(official['score']) if official.get('score') is not None else 'undefined'} | "
                          f"{official.get('n_lesions', 0)} lesion(s) on {official.get('n_slides', 0)} slides | | |")
+    for reducer, auc in (results.get("slide_reducers") or {}).items():
+        if not reducer.endswith("_note"):
+            lines.append(f"| slide AUC, reducer `{reducer}` | {_fmt(auc)} | {counts['slide_auc']} | | |")
+    rf = results.get("slide_rf")
+    if rf:
+        lines.append(f"| slide AUC, random forest on 28 heatmap features | {_fmt(rf['auc'])} | {counts['slide_auc']}; "
+                     f"trained on {rf['n_training_slides']['tumor']} tumour / {rf['n_training_slides']['normal']} "
+                     "normal training slides | | |")
     scored_only = slide_block.get("scored_only") or {}
     if unscored and scored_only.get("auc") is not None:
         lines.append(f"| slide AUC, scored slides only | {_fmt(scored_only['auc'])} | {scored_only['n_tumor']} / "

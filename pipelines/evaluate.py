@@ -44,6 +44,10 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     c16.add_argument("--tune-slides", type=int, default=2, help="tumour training slides used by --tune (default: %(default)s)")
     c16.add_argument("--tiles-per-slide", type=int, help="train on at most N random tiles per normal slide (default: all)")
     c16.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="scoring device")
+    c16.add_argument("--slide-classifier", choices=("none", "rf"), default="none",
+                     help="rf: also score the training slides and classify the test slides with a random forest on "
+                          "28 heatmap features, as the Camelyon16 winner (reported beside the reducers; default: "
+                          "%(default)s)")
     c16.add_argument("--workers", type=int, help="local cluster worker processes (default: one per core)")
     c16.add_argument("--scheduler", metavar="ADDRESS", help="run on an existing dask.distributed cluster")
     c16.set_defaults(handler=run_evaluate_camelyon16)
@@ -74,7 +78,8 @@ def run_evaluate_camelyon16(args: argparse.Namespace) -> int:
         raise WsiAdError(f"--model {args.model}: checkpoint not found")
     run_camelyon16(args.data, args.run, model=args.model, config=config, tune=args.tune, tune_space=args.tune_space,
                    tune_slides=args.tune_slides, tiles_per_slide=args.tiles_per_slide, device=args.device,
-                   workers=args.workers, scheduler=args.scheduler)
+                   workers=args.workers, scheduler=args.scheduler,
+                   slide_classifier=None if args.slide_classifier == "none" else args.slide_classifier)
     return 0
 
 

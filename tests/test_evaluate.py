@@ -44,6 +44,7 @@ def test_camelyon16_protocol_on_a_synthetic_dataset_and_its_rerun(synth_dataset,
     report = json.loads((run / "testing" / "report.json").read_text())
     labels = {r[0].lower(): r[1] for r in csv.reader((synth_dataset.root / "testing" / "reference.csv").open())}
     positives, negatives, slide_scores = [], [], {}
+    slide_ids = [row["slide_id"] for row in report["slides"]]
     for row in report["slides"]:
         store = SlideStore.open(row["store"])
         scores = load_scores(store, row["model_id"])
@@ -73,11 +74,29 @@ def test_camelyon16_protocol_on_a_synthetic_dataset_and_its_rerun(synth_dataset,
     assert results["model_id"] and (run / "model.pt").exists()
     assert (run / "testing" / "overlays").is_dir() and (run / "testing" / "report.html").exists()
 
-    # evaluating the trained model again reuses every finished stage and gives the same numbers
-    again = run_camelyon16(synth_dataset.root, run, model=run / "model.pt", workers=1, echo=lambda line: None)
+    # each reducer's slide AUC, from the stored tile scores
+    tumour_score, normal_score = ({r["slide_id"]: r for r in report["slides"]}[sid] for sid in (
+        next(s for s in slide_ids if labels[s.lower()] == "Tumor"), next(s for s in slide_ids if labels[s.lower()] == "Normal")))
+    top = {row["slide_id"]: load_scores(SlideStore.open(row["store"]), row["model_id"]).max() for row in report["slides"]}
+    assert saved["slide_reducers"]["max"] == float(top[tumour_score["slide_id"]] > top[normal_score["slide_id"]])
+    assert set(saved["slide_reducers"]) == {"max", "topk_mean", "percentile"} and saved["slide_rf"] is None
+
+    # evaluating the trained model again reuses every finished stage and gives the same numbers; with the random
+    # forest it also scores the two training slides and classifies the test slides from their heatmaps
+    again = run_camelyon16(synth_dataset.root, run, model=run / "model.pt", workers=1, echo=lambda line: None,
+                           slide_classifier="rf")
     report = json.loads((run / "testing" / "report.json").read_text())
     assert all(row["stages_run"] == [] for row in report["slides"])
     assert again["tile"]["auc"] == tile["auc"] and again["froc"]["score"] == froc["score"]
+    rf = again["slide_rf"]
+    assert rf["n_training_slides"] == {"normal": 1, "tumor": 1} and len(rf["feature_importances"]) == 28
+    p = {sid.lower(): v for sid, v in rf["probabilities"].items()}
+    tumour_p = p[tumour_score["slide_id"].lower()]
+    normal_p = p[normal_score["slide_id"].lower()]
+    assert 0.0 <= normal_p <= 1.0 and 0.0 <= tumour_p <= 1.0
+    assert rf["auc"] == (1.0 if tumour_p > normal_p else 0.5 if tumour_p == normal_p else 0.0)
+    assert rf["thresholds"][0] < rf["thresholds"][1]
+    assert "random forest on 28 heatmap features" in (run / "results.md").read_text()
 
 
 def _square(cx: float, cy: float, side_um: float, mpp: float = 0.243) -> Annotation:
