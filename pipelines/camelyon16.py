@@ -43,7 +43,8 @@ from wsi_ad.slide import find_slides
 
 #: Published numbers printed beside ours (source in ``source``).
 REFERENCE_RESULTS = (
-    {"metric": "tile_auc", "value": 0.934, "who": "DPA paper (Shvetsova et al.), Camelyon16, 64 px tiles at 10x",
+    {"metric": "tile_auc", "value": 0.934, "who": "DPA paper (Shvetsova et al.), Camelyon16, 64 px tiles at 10x, "
+                                                  "measured by its dpa-paper protocol",
      "source": "Shvetsova et al., Anomaly Detection with Deep Perceptual Autoencoders, Table 2"},
     {"metric": "slide_auc", "value": 0.925, "who": "Camelyon16 challenge winner (HMS & MIT)",
      "source": "Camelyon16 leaderboard; Bejnordi et al., JAMA 2017"},
@@ -101,6 +102,7 @@ def run_camelyon16(data: str | Path, run: str | Path, *, model: str | Path | Non
                    config: Config | None = None, tune: bool = False, tune_space: str | Path | None = None,
                    tune_slides: int = 2, tiles_per_slide: int | None = None, device: str = "auto",
                    workers: int | None = None, scheduler: str | None = None, slide_classifier: str | None = None,
+                   protocol: str = "all-tiles", seeds: int = 1, dpa_split: str | Path | None = None,
                    echo=print) -> dict:
     """Run the protocol (module docstring); returns the results also written to ``RUN/results.json``.
 
@@ -109,6 +111,12 @@ def run_camelyon16(data: str | Path, run: str | Path, *, model: str | Path | Non
     ``slide_rf`` beside the slide AUC of each reducer (``slide_reducers``)."""
     if slide_classifier not in (None, "rf"):
         raise WsiAdError(f"unknown slide classifier {slide_classifier!r} (known: rf)")
+    if protocol not in PROTOCOLS:
+        raise WsiAdError(f"unknown protocol {protocol!r} (known: {', '.join(PROTOCOLS)})")
+    if seeds < 1:
+        raise WsiAdError(f"--seeds must be >= 1, got {seeds}")
+    if (seeds > 1 or dpa_split is not None) and protocol != "dpa-paper":
+        raise WsiAdError("--seeds and --dpa-split belong to --protocol dpa-paper")
     from wsi_ad.detectors.loop import train
 
     started = time.perf_counter()
@@ -124,6 +132,31 @@ def run_camelyon16(data: str | Path, run: str | Path, *, model: str | Path | Non
     def indent(line: str) -> None:
         echo("    " + line)
 
+    paper = None
+    if protocol == "dpa-paper":
+        from pipelines.dpa_protocol import build_block_folder, official_lists, rule_lists, run_dpa_paper
+
+        step = time.perf_counter()
+        config = config or Config()
+        if model is None and tune:
+            prepared = run_batch([layout.training_normal], run / "training_normal", BatchConfig(), echo=indent,
+                                 **cluster)
+            normal_stores = [Path(r["store"]) for r in prepared.results if r["status"] == "ok" and r.get("n_tiles")]
+            config, selection = _select(layout, run, normal_stores, config, tune_space, tune_slides, cluster, echo)
+        if model is None:
+            paper = run_dpa_paper(layout, run / "dpa_paper", config, seeds=seeds, device=device, split_dir=dpa_split,
+                                  echo=echo)
+            model = Path(next(r["checkpoint"] for r in paper["runs"] if r.get("status") == "ok"))
+        else:                               # evaluate the given model on the protocol's blocks
+            from pipelines.compare import _FolderData
+
+            lists = official_lists(dpa_split) if dpa_split else rule_lists(layout, echo=echo)
+            folder, manifest = build_block_folder(layout, lists, run / "dpa_paper", echo=echo)
+            record = _FolderData(folder).evaluate(Path(model), run / "dpa_paper" / "given", device, echo)
+            paper = {"protocol": manifest["protocol"], "blocks": manifest, "runs": [{**record, "status": "ok"}],
+                     "auc_mean": record["tile_auc"], "auc_std": 0.0, "n_seeds": 1,
+                     "n_normal_tiles": manifest["counts"]["test/good"], "n_tumor_tiles": manifest["counts"]["test/tumor"]}
+        timings["dpa_paper"] = time.perf_counter() - step
     if model is None:
         step = time.perf_counter()
         echo("Preprocessing the normal training slides ...")
@@ -179,7 +212,10 @@ def run_camelyon16(data: str | Path, run: str | Path, *, model: str | Path | Non
         "slide": metrics["slide"],
         "slide_reducers": reducers,
         "slide_rf": slide_rf,
-        "tile": metrics["tile"],
+        "protocol": protocol,
+        "tile": {**metrics["tile"], "protocol": "all-tiles: every tile fully inside a lesion of a tumour test slide "
+                                               "against every tile of the normal test slides"},
+        "tile_dpa_paper": _paper_summary(paper),
         "froc": metrics["froc"],
         "froc_official": metrics["froc_official"],
         "slides": metrics["slides"],
@@ -196,6 +232,21 @@ def run_camelyon16(data: str | Path, run: str | Path, *, model: str | Path | Non
     echo(table)
     echo(f"\nResults: {run / 'results.json'}, {run / 'results.md'}" + (f"; report: {report}" if report else ""))
     return results
+
+
+#: ``--protocol``: how the tile AUC is measured (the slide AUC and FROC are measured on whole slides in both).
+PROTOCOLS = ("all-tiles", "dpa-paper")
+
+
+def _paper_summary(paper: dict | None) -> dict | None:
+    """The dpa-paper protocol's block of ``results.json`` (its per-seed AUCs, no ROC points)."""
+    if paper is None:
+        return None
+    return {"protocol": paper["protocol"], "auc_mean": paper["auc_mean"], "auc_std": paper["auc_std"],
+            "n_seeds": paper["n_seeds"], "aucs": [r.get("tile_auc") for r in paper["runs"] if r.get("status") == "ok"],
+            "n_normal_tiles": paper["n_normal_tiles"], "n_tumor_tiles": paper["n_tumor_tiles"],
+            "blocks": paper["blocks"], "failed_seeds": [r for r in paper["runs"] if r.get("status") != "ok"],
+            "checkpoints": [r.get("checkpoint") for r in paper["runs"] if r.get("status") == "ok"]}
 
 
 def _heatmaps(results: list[dict]) -> dict[str, tuple]:
@@ -263,24 +314,52 @@ def slide_forest(training: dict[int, list[dict]], tested_results: list[dict], la
                       "99.9th percentile of the training normal slides' tile scores"}
 
 
+def _held_magnifications(space, stores: list[Path]):
+    """``space`` without the ``magnification`` values that some store lacks (``tiles/<mag>``), and those values.
+    Raises ``WsiAdError`` when none is left."""
+    from dataclasses import replace as _replace
+
+    from wsi_ad.store import SlideStore
+
+    wanted = space.params.get("magnification")
+    if not wanted:
+        return space, []
+    held = set(wanted)
+    for store in stores:
+        held &= set(SlideStore.open(store).require("tiles").keys())
+    kept = [m for m in wanted if m in held]
+    if not kept:
+        raise WsiAdError(f"the search space's magnifications {wanted} are in none of the stores (tiles/<mag>)")
+    return _replace(space, params={**space.params, "magnification": kept}), [m for m in wanted if m not in held]
+
+
 def _select(layout: Camelyon16Layout, run: Path, normal_stores: list[Path], base: Config, space, n_slides: int,
             cluster: dict, echo) -> tuple[Config, dict]:
     """Weakly-supervised selection on the tumour tiles of ``n_slides`` tumour training slides."""
     from wsi_ad.config import Config as _Config
     from wsi_ad.tuning import load_space, tune
 
-    tumor_slides = discover([layout.training_tumor])[:n_slides]
-    echo(f"Preprocessing {len(tumor_slides)} tumour training slide(s) for hyperparameter selection ...")
+    every = discover([layout.training_tumor])
+    # drawn at random (seeded), not the first by name: slide names follow the centre and the scanner
+    picked = np.random.default_rng(base.train.seed).choice(len(every), min(n_slides, len(every)), replace=False)
+    tumor_slides = [every[i] for i in sorted(picked)]
+    echo(f"Preprocessing {len(tumor_slides)} tumour training slide(s) for hyperparameter selection "
+         f"({', '.join(p.stem for p in tumor_slides)}, drawn with seed {base.train.seed}) ...")
     prepared = run_batch(tumor_slides, run / "training_tumor", BatchConfig(), echo=lambda line: echo("    " + line),
                          **cluster)
     tumor_stores = [Path(r["store"]) for r in prepared.results if r["status"] == "ok" and r.get("n_tiles")]
     if not tumor_stores:
         raise WsiAdError("--tune: no tumour training slide gave tiles")
     echo("Selecting hyperparameters (3-fold cross-validation by slide, one anomaly type) ...")
+    search, dropped = _held_magnifications(load_space(space, detector=base.detector), normal_stores + tumor_stores)
+    if dropped:
+        echo(f"    magnification(s) {', '.join(dropped)} of the search space left out: the stores hold "
+             f"{', '.join(search.params['magnification'])} only")
     outcome = tune(normal_stores, tumor_stores, layout.training_annotations, run / "tune", base_config=base,
-                   space=load_space(space, detector=base.detector), echo=lambda line: echo("    " + line))
+                   space=search, echo=lambda line: echo("    " + line))
     summary = {"results": str(outcome.results_path), "best_config": str(outcome.best_config_path),
-               "best": outcome.best, "notes": outcome.notes}
+               "best": outcome.best, "notes": outcome.notes, "tumor_slides": [p.stem for p in tumor_slides],
+               "magnifications_left_out": dropped}
     return _Config.from_yaml(outcome.best_config_path), summary
 
 
@@ -508,18 +587,29 @@ def results_table(results: dict) -> str:
         "tile_auc": f"{results['tile'].get('n_tumor_tiles', 0)} tumour / {results['tile'].get('n_normal_tiles', 0)} normal tiles",
         "froc": f"{results['froc'].get('n_lesions', 0)} lesion(s) on {results['froc'].get('n_slides', 0)} slides",
     }
-    names = {"slide_auc": "slide-level ROC AUC", "tile_auc": "tile-level ROC AUC",
+    names = {"slide_auc": "slide-level ROC AUC", "tile_auc": "tile-level ROC AUC (all-tiles protocol)",
              "froc": "FROC score (per-slide µm/px)"}
     lines = ["| metric | ours | on | published | by |", "|---|---|---|---|---|"]
+    paper = results.get("tile_dpa_paper")
     for metric in ("slide_auc", "tile_auc", "froc"):
         published = [r for r in REFERENCE_RESULTS if r["metric"] == metric]
+        if metric == "tile_auc" and paper is not None:
+            # the paper's 0.934 goes beside the number measured its way; the all-tiles one stands alone
+            spread = f" ± {paper['auc_std']:.3f}" if paper["n_seeds"] > 1 else ""
+            for ref in published:
+                lines.append(f"| tile-level ROC AUC (dpa-paper protocol) | {paper['auc_mean']:.3f}{spread} | "
+                             f"{paper['n_tumor_tiles']} tumour / {paper['n_normal_tiles']} normal tiles, "
+                             f"{paper['n_seeds']} seed(s), {paper['blocks']['source']} | {ref['value']:.3f} | "
+                             f"{ref['who']} |")
+            published = [{"value": None, "who": ""}]
         first = True
         for ref in published:
             if first:
                 mine = _fmt(ours[metric]) + (ci if metric == "slide_auc" else "") if ours[metric] is not None \
                     else "undefined"
+            value = "" if ref["value"] is None else f"{ref['value']:.3f}"
             lines.append(f"| {names[metric] if first else ''} | {mine if first else ''} | "
-                         f"{counts[metric] if first else ''} | {ref['value']:.3f} | {ref['who']} |")
+                         f"{counts[metric] if first else ''} | {value} | {ref['who']} |")
             first = False
         official = results.get("froc_official")
         if metric == "froc" and official is not None:

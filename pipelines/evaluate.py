@@ -44,6 +44,17 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     c16.add_argument("--tune-slides", type=int, default=2, help="tumour training slides used by --tune (default: %(default)s)")
     c16.add_argument("--tiles-per-slide", type=int, help="train on at most N random tiles per normal slide (default: all)")
     c16.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="scoring device")
+    c16.add_argument("--protocol", choices=("all-tiles", "dpa-paper"), default="all-tiles",
+                     help="how the tile AUC is measured: all-tiles (every tile inside a lesion vs every tile of the "
+                          "normal test slides) or dpa-paper (the DPA paper's blocks: <= 50 of 768 px at 40x a slide, "
+                          "192 px at 10x, 64 px crops; the model is trained on the training blocks) "
+                          "(default: %(default)s)")
+    c16.add_argument("--dpa-split", type=Path, metavar="DIR",
+                     help="the official block lists of the DPA paper (e.g. shared/data/camelyon16/dpa_split) for "
+                          "--protocol dpa-paper; default: lists built by the paper's rules from the dataset")
+    c16.add_argument("--seeds", type=int, default=1,
+                     help="--protocol dpa-paper: trainings with seeds seed .. seed + N - 1, tile AUC mean ± std "
+                          "(default: %(default)s)")
     c16.add_argument("--slide-classifier", choices=("none", "rf"), default="none",
                      help="rf: also score the training slides and classify the test slides with a random forest on "
                           "28 heatmap features, as the Camelyon16 winner (reported beside the reducers; default: "
@@ -79,7 +90,8 @@ def run_evaluate_camelyon16(args: argparse.Namespace) -> int:
     run_camelyon16(args.data, args.run, model=args.model, config=config, tune=args.tune, tune_space=args.tune_space,
                    tune_slides=args.tune_slides, tiles_per_slide=args.tiles_per_slide, device=args.device,
                    workers=args.workers, scheduler=args.scheduler,
-                   slide_classifier=None if args.slide_classifier == "none" else args.slide_classifier)
+                   slide_classifier=None if args.slide_classifier == "none" else args.slide_classifier,
+                   protocol=args.protocol, seeds=args.seeds, dpa_split=args.dpa_split)
     return 0
 
 

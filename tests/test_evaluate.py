@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,10 +132,11 @@ def test_camelyon16_results_are_always_written_and_every_reference_slide_counts(
     assert [e["status"] for e in saved["slides"]] == ["scored", "scored"]
     assert saved["slides"][1]["n_lesions"] == 0 and saved["slides"][1]["n_itc"] == 1
     table = (run / "results.md").read_text()
-    assert "| tile-level ROC AUC | undefined |" in table and "| FROC score (per-slide µm/px) | undefined |" in table
+    assert "| tile-level ROC AUC (all-tiles protocol) | undefined |" in table
+    assert "| FROC score (per-slide µm/px) | undefined |" in table
     assert "| FROC score (official: 0.243 µm/px) | undefined |" in table
     assert saved["froc_official"]["score"] is None and saved["froc"]["protocol"].startswith("per-slide")
-    assert "- tile-level ROC AUC undefined: tile AUC needs tumour and normal tiles" in table
+    assert "- tile-level ROC AUC (all-tiles protocol) undefined: tile AUC needs tumour and normal tiles" in table
     assert "undefined" in capsys.readouterr().out
     assert "isolated-tumour-cell cluster(s)" in froc["note"]
 
@@ -225,3 +227,78 @@ def test_camelyon16_without_test_slides_still_writes_results_and_a_bad_reference
     with pytest.raises(WsiAdError, match="line 2"):
         run_camelyon16(data, tmp_path / "run2", model=scored_setting["model"], echo=lambda line: None)
     assert not (tmp_path / "run2" / "testing").exists()                           # nothing was processed
+
+
+def test_dpa_paper_protocol_on_a_synthetic_dataset(synth_dataset, scored_setting, tmp_path, shared_data_if_present):
+    """Issue 19: --protocol dpa-paper builds the paper's blocks by its rules (<= 50 random 768 px tissue blocks of
+    the 768 px grid a slide, as the official lists; tumour blocks fully inside the lesion), trains two seeds on 64 px
+    crops of the 192 px training blocks and reports the tile AUC on the centre crops as mean ± std, each number
+    naming its protocol. Test slides: the scored setting's (its 0.8 mm lesion holds whole grid blocks)."""
+    import re
+
+    from wsi_ad.annotations import read_asap_xml as read_xml
+
+    data, run = tmp_path / "c16", tmp_path / "run"
+    (data / "training").mkdir(parents=True)
+    (data / "training" / "normal").symlink_to(synth_dataset.root / "training" / "normal")
+    images, xmls = data / "testing" / "images", data / "testing" / "lesion_annotations"
+    images.mkdir(parents=True)
+    xmls.mkdir(parents=True)
+    (images / "test_001.tif").symlink_to(scored_setting["normal"].path)
+    (images / "test_002.tif").symlink_to(scored_setting["tumor"].path)
+    (xmls / "test_002.xml").symlink_to(scored_setting["tumor_xml"])
+    (data / "testing" / "reference.csv").write_text("Test_001,Normal,None,None\nTest_002,Tumor,IDC,Macro\n")
+    results = run_camelyon16(data, run, config=Config.from_dict(BRIEF), protocol="dpa-paper", seeds=2,
+                             workers=1, echo=lambda line: None)
+    paper = results["tile_dpa_paper"]
+    blocks = run / "dpa_paper" / "blocks"
+    names = {split: sorted(p.name for p in (blocks / split).glob("*.png")) for split in ("train/good", "test/good",
+                                                                                          "test/tumor")}
+    assert paper["n_tumor_tiles"] == len(names["test/tumor"]) > 0 and paper["n_normal_tiles"] == len(names["test/good"])
+    assert "paper's rules" in paper["blocks"]["source"] and results["protocol"] == "dpa-paper"
+    for split, files in names.items():
+        per_slide = {}
+        for name in files:
+            per_slide[name.rsplit("_x", 1)[0]] = per_slide.get(name.rsplit("_x", 1)[0], 0) + 1
+        assert max(per_slide.values()) <= 50, split
+    # every tumour block lies inside the lesion, every normal test block comes from a normal test slide
+    labels = {"test_001": "Normal", "test_002": "Tumor"}
+    for name in names["test/tumor"]:
+        slide, x, y = re.match(r"^(.*)_x(\d+)_y(\d+)", name).groups()
+        lesion = read_xml(xmls / f"{slide}.xml")
+        assert tile_labels(np.array([[int(x), int(y)]]), (768, 768), lesion)[0] == 1
+    assert {labels[n.rsplit("_x", 1)[0]] for n in names["test/good"]} == {"Normal"}
+    assert Image.open(blocks / "test/good" / names["test/good"][0]).size == (192, 192)
+    assert paper["n_seeds"] == 2 and len(paper["aucs"]) == 2
+    assert paper["auc_mean"] == pytest.approx(np.mean(paper["aucs"])) and paper["auc_std"] == pytest.approx(
+        np.std(paper["aucs"]))
+    table = (run / "results.md").read_text()
+    assert f"| tile-level ROC AUC (dpa-paper protocol) | {paper['auc_mean']:.3f} ± {paper['auc_std']:.3f} |" in table
+    assert "| tile-level ROC AUC (all-tiles protocol) |" in table and "FROC score (official: 0.243 µm/px)" in table
+    # the slide-level metrics come from the first seed's model, scoring the whole test slides
+    assert Path(results["model"]) == Path(paper["checkpoints"][0]) and results["slide"]["overall"]["n_tumor"] == 1
+
+    # the official lists name real Camelyon16 slides, none of which is in a synthetic dataset: a clear error
+    if shared_data_if_present is not None:
+        with pytest.raises(WsiAdError, match="no training blocks could be made"):
+            run_camelyon16(data, tmp_path / "official", config=Config.from_dict(BRIEF),
+                           protocol="dpa-paper", dpa_split=shared_data_if_present / "camelyon16" / "dpa_split",
+                           workers=1, echo=lambda line: None)
+    with pytest.raises(WsiAdError, match="belong to --protocol dpa-paper"):
+        run_camelyon16(data, tmp_path / "x", seeds=2, echo=lambda line: None)
+
+
+def test_selection_space_keeps_only_the_magnifications_the_stores_hold(scored_setting):
+    """Issue 19: a tune space asking for 10x and 20x on stores tiled at 10x only runs the 10x candidates and says
+    so (before, the 20x candidates were skipped one by one in the tune log only); none held is an error."""
+    from pipelines.camelyon16 import _held_magnifications
+    from wsi_ad.tuning import SearchSpace
+
+    stores = [scored_setting["normal_store"], scored_setting["tumor_store"]]
+    held = sorted(set(SlideStore.open(stores[0]).require("tiles").keys()) & {"10x", "20x", "5x"})
+    assert held == ["10x"]
+    space = SearchSpace.from_dict({"space": {"magnification": ["10x", "20x"], "lr": [0.001, 0.0005]}})
+    kept, dropped = _held_magnifications(space, stores)
+    assert kept.params == {"magnification": ["10x"], "lr": [0.001, 0.0005]} and dropped == ["20x"]
+    with pytest.raises(WsiAdError, match=r"magnifications \['20x'\] are in none of the stores"):
+        _held_magnifications(SearchSpace.from_dict({"space": {"magnification": ["20x"]}}), stores)

@@ -1,0 +1,231 @@
+"""The DPA paper's Camelyon16 tile protocol (``wsi-ad evaluate camelyon16 --protocol dpa-paper``).
+
+Shvetsova et al., "Anomaly detection in medical imaging with deep perceptual autoencoders" (IEEE Access 2021),
+official code ``ninatu/anomaly_detection`` (its ``folds/`` lists, :mod:`wsi_ad.dpa_split`). The paper did not score
+every tile of every slide. It took at most 50 blocks of 768 x 768 px at level 0 (40x) per slide, tumour blocks
+fully inside a lesion, normal test blocks from the normal test slides only (4,000 from 80 slides; 817 tumour blocks
+from 24 tumour test slides; Test_114 left out), resized each block to 192 x 192 px (10x) and gave the model a
+64 x 64 px crop: a random crop for training, the centre crop for testing. Its 0.934 tile ROC AUC is measured on
+those 4,817 tiles. This module measures the same way:
+
+1. the block lists: the official ones when their folder is given (``--dpa-split``, e.g.
+   ``shared/data/camelyon16/dpa_split``), else lists built by the paper's rules from the dataset itself
+   (:func:`rule_lists`: per slide, up to 50 random, seeded 768 px blocks of a non-overlapping grid with at least
+   half their area tissue (the pipeline's tile rule and Otsu mask); on tumour test slides, blocks fully inside the
+   lesion polygons);
+2. each block read from its slide at level 0, resized to 192 px (area average), written as PNG into an anomalib
+   Folder (``train/good``, ``test/good``, ``test/tumor``), then Vahadane-normalised to the pipeline's reference
+   stain with one fit per slide (:func:`wsi_ad.tile_stain.normalize_tile_folder`, as slides are normalised before
+   tiling: the fit is on the slide's blocks rather than its whole tissue);
+3. ``seeds`` trainings on ``train/good`` (random 64 px crops, the pool's augmentation), each scored on the centre
+   crops of ``test/`` (:func:`pipelines.compare.run_one`): tile AUC mean ± std (population std, as the paper).
+
+A slide that a list names but the dataset lacks, or that cannot be read, is recorded and skipped; the protocol
+stops only when no training or no test block is left. Every output is written atomically and a re-run reuses the
+blocks and the finished trainings.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from wsi_ad.atomic import write_text_atomic
+from wsi_ad.config import Config
+from wsi_ad.dpa_split import Block, read_dpa_split
+from wsi_ad.errors import WsiAdError
+
+#: The paper's block: 768 px at level 0, resized to 192 px (10x), a 64 px crop of it the model's input.
+BLOCK_PX = 768
+BLOCK_RESIZED_PX = 192
+BLOCKS_PER_SLIDE = 50
+#: Test slides the paper (and the official FROC) leaves out.
+EXCLUDED_SLIDES = frozenset({"test_114"})
+#: Block files are ``<slide>_x<X>_y<Y>.png`` (level-0 x, y): the slide is the stain-fit group.
+BLOCK_FILE = re.compile(r"^(.*)_x\d+_y\d+")
+PROTOCOL = ("dpa-paper: <= 50 blocks of 768 px at 40x a slide, resized to 192 px (10x), random 64 px crops for "
+            "training, the centre crop for testing; normal test tiles from normal test slides only")
+
+
+@dataclass(frozen=True)
+class BlockLists:
+    """The blocks of the protocol: ``train`` (normal training slides), ``test_normal``, ``test_tumor`` (test
+    slides), and where they come from (``source``)."""
+
+    train: list[Block]
+    test_normal: list[Block]
+    test_tumor: list[Block]
+    source: str
+
+
+def official_lists(split_dir: str | Path) -> BlockLists:
+    """The official lists of ``split_dir`` (:func:`wsi_ad.dpa_split.read_dpa_split`), Test_114 left out."""
+    split = read_dpa_split(split_dir)
+
+    def keep(blocks):
+        return [b for b in blocks if b.slide not in EXCLUDED_SLIDES]
+
+    return BlockLists(keep(split.normal_train), keep(split.normal_test), keep(split.anomaly_test),
+                      f"official lists ({split_dir})")
+
+
+def _tissue_blocks(path: Path, rng: np.random.Generator, annotations=None, n: int = BLOCKS_PER_SLIDE) -> list[tuple]:
+    """Up to ``n`` random blocks (level-0 x, y) of a non-overlapping 768 px grid with >= 50 % tissue; with
+    ``annotations``, only blocks fully inside the lesions."""
+    from wsi_ad.metrics import tile_labels
+    from wsi_ad.slide import open_slide
+    from wsi_ad.tissue import mask_slide
+
+    with open_slide(path) as slide:
+        mask, _ = mask_slide(slide)
+        width, height = slide.dimensions
+        xs, ys = np.meshgrid(np.arange(0, width - BLOCK_PX + 1, BLOCK_PX), np.arange(0, height - BLOCK_PX + 1, BLOCK_PX))
+        corners = np.stack([xs.ravel(), ys.ravel()], axis=1)
+        if not len(corners):
+            return []
+        boxes = np.column_stack([corners, np.full((len(corners), 2), BLOCK_PX)])
+        keep = mask.tissue_fraction(boxes, (slide.mpp_x, slide.mpp_y)) >= 0.5
+    if annotations is not None:
+        keep &= tile_labels(corners, (BLOCK_PX, BLOCK_PX), annotations) == 1
+    chosen = corners[keep]
+    if len(chosen) > n:
+        chosen = chosen[np.sort(rng.choice(len(chosen), n, replace=False))]
+    return [(int(x), int(y)) for x, y in chosen]
+
+
+def rule_lists(layout, seed: int = 0, echo=print) -> BlockLists:
+    """Block lists built by the paper's rules from a Camelyon16-like ``layout`` (module docstring): every normal
+    training slide, and every test slide of ``reference.csv`` (tumour slides: blocks inside the lesions of
+    ``testing/lesion_annotations``; a tumour slide without annotations is skipped), seeded by ``seed`` and slide."""
+    from wsi_ad.annotations import annotation_file, read_asap_xml
+    from wsi_ad.metrics import read_reference_csv
+    from wsi_ad.slide import find_slides, slide_id_of
+
+    def rng(slide_id: str) -> np.random.Generator:
+        return np.random.default_rng([seed, *slide_id.encode()])
+
+    train = []
+    for path in find_slides([layout.training_normal]):
+        sid = slide_id_of(path).lower()
+        train += [Block(sid, "normal", x, y, (BLOCK_PX, BLOCK_PX)) for x, y in _tissue_blocks(path, rng(sid))]
+    test_normal, test_tumor = [], []
+    files = {slide_id_of(p).lower(): p for p in find_slides([layout.testing_images])}
+    for row in read_reference_csv(layout.reference):
+        sid = row.slide_id.lower()
+        if sid in EXCLUDED_SLIDES or sid not in files:
+            continue
+        if row.is_tumor:
+            xml = annotation_file(layout.testing_annotations, row.slide_id)
+            if xml is None:
+                echo(f"    {row.slide_id}: no lesion annotations, no tumour blocks")
+                continue
+            blocks = _tissue_blocks(files[sid], rng(sid), read_asap_xml(xml))
+            test_tumor += [Block(sid, "tumor", x, y, (BLOCK_PX, BLOCK_PX)) for x, y in blocks]
+        else:
+            test_normal += [Block(sid, "normal", x, y, (BLOCK_PX, BLOCK_PX)) for x, y in _tissue_blocks(files[sid], rng(sid))]
+    return BlockLists(train, test_normal, test_tumor, f"built by the paper's rules (seed {seed})")
+
+
+def _read_block(slide, block: Block) -> np.ndarray:
+    """The block at level 0 resized to 192 px by area averaging, (192, 192, 3) uint8."""
+    from PIL import Image
+
+    region = slide.read_level(0, (block.x, block.y), block.size)
+    return np.asarray(Image.fromarray(region).resize((BLOCK_RESIZED_PX, BLOCK_RESIZED_PX), Image.BOX))
+
+
+def build_block_folder(layout, lists: BlockLists, out: str | Path, echo=print) -> tuple[Path, dict]:
+    """Extract every block of ``lists`` into ``out/raw`` (an anomalib Folder of 192 px PNGs) and normalise it into
+    ``out/blocks``; returns (``out/blocks``, the manifest also written to ``out/blocks.json``: source, counts,
+    missing and failed slides). Finished files are kept by a re-run. Raises ``WsiAdError`` when no training or no
+    test block could be made."""
+    from PIL import Image
+
+    from wsi_ad.slide import find_slides, open_slide, slide_id_of
+    from wsi_ad.stain import DEFAULT_TARGET
+    from wsi_ad.tile_stain import normalize_tile_folder
+
+    out = Path(out)
+    files = {slide_id_of(p).lower(): p for p in find_slides([layout.training_normal, layout.testing_images])}
+    groups = {("train", "good"): lists.train, ("test", "good"): lists.test_normal, ("test", "tumor"): lists.test_tumor}
+    missing, failed, counts = set(), {}, {}
+    for (split, label), blocks in groups.items():
+        folder = out / "raw" / split / label
+        folder.mkdir(parents=True, exist_ok=True)
+        by_slide: dict[str, list[Block]] = {}
+        for block in blocks:
+            by_slide.setdefault(block.slide, []).append(block)
+        written = 0
+        for sid, slide_blocks in sorted(by_slide.items()):
+            if sid not in files:
+                missing.add(sid)
+                continue
+            todo = [b for b in slide_blocks if not (folder / f"{sid}_x{b.x}_y{b.y}.png").is_file()]
+            try:
+                if todo:
+                    with open_slide(files[sid]) as slide:
+                        width, height = slide.dimensions
+                        outside = [b for b in todo if b.x + b.size[0] > width or b.y + b.size[1] > height]
+                        if outside:         # a list made for another slide of this name: none of its blocks is used
+                            raise WsiAdError(f"{len(outside)} of its {len(slide_blocks)} listed blocks lie outside "
+                                             f"the slide ({width} x {height} px), e.g. at ({outside[0].x}, "
+                                             f"{outside[0].y}): not the slide the list names")
+                        for b in todo:
+                            target = folder / f"{sid}_x{b.x}_y{b.y}.png"
+                            tmp = target.with_name(target.stem + ".tmp.png")
+                            Image.fromarray(_read_block(slide, b)).save(tmp)
+                            tmp.replace(target)
+                written += len(slide_blocks)
+            except WsiAdError as exc:
+                failed[sid] = str(exc)
+                echo(f"    {sid}: FAILED ({exc})")
+        counts[f"{split}/{label}"] = written
+    if not counts["train/good"] or not (counts["test/good"] and counts["test/tumor"]):
+        raise WsiAdError(f"dpa-paper protocol: no {'training' if not counts['train/good'] else 'normal and tumour test'} "
+                         f"blocks could be made (blocks per folder {counts}; slides missing from the dataset: "
+                         f"{len(missing)}; failed: {len(failed)})")
+    echo(f"    {counts['train/good']} training, {counts['test/good']} normal and {counts['test/tumor']} tumour test "
+         f"blocks ({lists.source}); normalising the stain (one fit per slide) ...")
+    result = normalize_tile_folder(out / "raw", out / "blocks", target=DEFAULT_TARGET,
+                                   group_pattern=BLOCK_FILE.pattern)
+    if result.failures:
+        raise WsiAdError(f"dpa-paper protocol: stain normalisation failed for {len(result.failures)} blocks, e.g. "
+                         f"{next(iter(result.failures))}")
+    manifest = {"protocol": PROTOCOL, "source": lists.source, "counts": counts,
+                "listed": {"train": len(lists.train), "test_normal": len(lists.test_normal),
+                           "test_tumor": len(lists.test_tumor)},
+                "missing_slides": sorted(missing), "failed_slides": failed}
+    write_text_atomic(out / "blocks.json", json.dumps(manifest, indent=2))
+    return out / "blocks", manifest
+
+
+def run_dpa_paper(layout, run: str | Path, config: Config, *, seeds: int = 1, device: str = "auto",
+                  split_dir: str | Path | None = None, echo=print) -> dict:
+    """The whole protocol (module docstring) into ``run``: blocks, ``seeds`` trainings of ``config`` (seed,
+    seed + 1, ...) and their tile AUCs. Returns ``{"protocol", "blocks", "runs", "summary", "auc_mean",
+    "auc_std", "n_seeds"}``; ``runs`` are :func:`pipelines.compare.run_one` records (``checkpoint`` the model)."""
+    from pipelines.compare import _FolderData, _seeds, summarize
+
+    if seeds < 1:
+        raise WsiAdError(f"--seeds must be >= 1, got {seeds}")
+    run = Path(run)
+    echo("dpa-paper protocol: " + ("reading the official block lists ..." if split_dir else
+                                   "building block lists by the paper's rules ..."))
+    lists = official_lists(split_dir) if split_dir else rule_lists(layout, echo=echo)
+    folder, manifest = build_block_folder(layout, lists, run, echo=echo)
+    # the 192 px blocks are at the model's magnification (10x): cropped, never resized again
+    config = replace(config, data=replace(config.data, image_mpp=None))
+    runs = _seeds("dpa-paper", config, _FolderData(folder), run / "runs", seeds, device,
+                  lambda line: echo("    " + line))
+    summary = summarize(runs)
+    tile = summary["tile_auc"]
+    if tile["mean"] is None:
+        raise WsiAdError("dpa-paper protocol: no training finished: " + "; ".join(
+            r.get("error", "") for r in runs if r.get("status") != "ok"))
+    return {"protocol": PROTOCOL, "blocks": manifest, "runs": runs, "summary": summary, "auc_mean": tile["mean"],
+            "auc_std": tile["std"], "n_seeds": tile["n"],
+            "n_normal_tiles": manifest["counts"]["test/good"], "n_tumor_tiles": manifest["counts"]["test/tumor"]}
