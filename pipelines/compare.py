@@ -261,8 +261,26 @@ def data_kind(root: str | Path) -> str:
                        "testing/reference.csv) nor an anomalib Folder dataset (train/good, test/good, test/<anomalous>)")
 
 
-def open_data(root: str | Path, out: Path, echo, workers: int | None = None) -> _Data:
-    """The comparison's data: a Camelyon16-like folder of slides or an anomalib Folder dataset of tiles."""
+def open_data(root: str | Path, out: Path, echo, workers: int | None = None, protocol: str = "all-tiles",
+              dpa_split: str | Path | None = None) -> _Data:
+    """The comparison's data: a Camelyon16-like folder of slides or an anomalib Folder dataset of tiles. With
+    ``protocol="dpa-paper"`` (slides only), the DPA paper's blocks of those slides (:mod:`pipelines.dpa_protocol`),
+    made once in ``OUT/dpa_paper``: every row trains on the training blocks and is scored on the test blocks."""
+    if protocol == "dpa-paper":
+        from pipelines.camelyon16 import Camelyon16Layout
+        from pipelines.dpa_protocol import build_block_folder, official_lists, rule_lists
+
+        if data_kind(root) == "tiles":
+            raise CompareError("--protocol dpa-paper needs a Camelyon16-like folder of slides, not a tile folder")
+        layout = Camelyon16Layout(Path(root))
+        layout.check(training=True)
+        echo("dpa-paper protocol: " + ("reading the official block lists ..." if dpa_split else
+                                       "building block lists by the paper's rules ..."))
+        lists = official_lists(dpa_split) if dpa_split else rule_lists(layout, echo=echo)
+        folder, _ = build_block_folder(layout, lists, out / "dpa_paper", echo=echo)
+        return _FolderData(folder)
+    if dpa_split is not None:
+        raise CompareError("--dpa-split belongs to --protocol dpa-paper")
     if data_kind(root) == "tiles":
         return _FolderData(Path(root))
     return _SlideData(Path(root), out / "data", echo, workers)
@@ -353,9 +371,14 @@ def table(report: dict) -> str:
     """The markdown table of ``compare.md``."""
     slides = report["data"]["kind"] == "slides"
     tuned = any(row.get("tuned") for row in report["rows"])
-    head = ["row", "detector", "tile AUC"] + (["slide AUC", "FROC"] if slides else [])
+    protocol = report["data"].get("protocol", "all-tiles")
+    tile = "tile AUC (dpa-paper protocol)" if protocol == "dpa-paper" else (
+        "tile AUC (all-tiles protocol)" if slides else "tile AUC")
+    head = ["row", "detector", tile] + (["slide AUC", "FROC"] if slides else [])
     head += ["tile AUC (WS)"] if tuned else []
-    head += ["train s (median)", "score tiles/s", "seeds", "published tile AUC (Camelyon16, paper setting)"]
+    head += ["train s (median)", "score tiles/s", "seeds",
+             "published tile AUC (Camelyon16, paper setting, dpa-paper protocol"
+             + (")" if protocol == "dpa-paper" else "; other tiles than ours)")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in report["rows"]:
         s = row["summary"]
@@ -406,7 +429,7 @@ def plot_rocs(path: Path, report: dict) -> Path | None:
 
 def compare(data: str | Path, out: str | Path, rows: dict[str, Path], *, seeds: int = 3, tune: bool = False,
             tune_slides: int = 2, device: str = "auto", workers: int | None = None, image_mpp: float | None = None,
-            echo=print) -> dict:
+            protocol: str = "all-tiles", dpa_split: str | Path | None = None, echo=print) -> dict:
     """Run the comparison (module docstring); returns the report also written to ``OUT/compare.json``.
     ``image_mpp``: µm/px of tile images (``data.image_mpp`` of every row; tile folders only)."""
     if seeds < 1:
@@ -420,11 +443,16 @@ def compare(data: str | Path, out: str | Path, rows: dict[str, Path], *, seeds: 
     if not os.access(out, os.W_OK):
         raise CompareError(f"--out {out}: the folder is not writable")
     started = time.perf_counter()
-    dataset = open_data(data, out, echo, workers)
+    if protocol not in ("all-tiles", "dpa-paper"):
+        raise CompareError(f"unknown protocol {protocol!r} (known: all-tiles, dpa-paper)")
+    if protocol == "dpa-paper" and image_mpp is not None:
+        raise CompareError("--image-mpp does not apply to --protocol dpa-paper (its 192 px blocks are at 10x)")
+    dataset = open_data(data, out, echo, workers, protocol=protocol, dpa_split=dpa_split)
     if tune and dataset.kind != "slides":
         raise CompareError("--tune needs a Camelyon16-like folder of slides (tumour training slides with lesion "
                            "annotations give the validation anomalies)")
-    report = {"data": {"path": str(data), "kind": dataset.kind, "train": [str(p) for p in dataset.train_paths]},
+    report = {"data": {"path": str(data), "kind": dataset.kind, "train": [str(p) for p in dataset.train_paths],
+                       "protocol": protocol},
               "settings": {"seeds": seeds, "tune": tune, "device": device, "image_mpp": image_mpp,
                            "rows": {k: str(v) for k, v in rows.items()}},
               "rows": []}
@@ -445,7 +473,7 @@ def compare(data: str | Path, out: str | Path, rows: dict[str, Path], *, seeds: 
             save()
             continue
         row["detector"] = base.detector
-        if image_mpp is not None:
+        if image_mpp is not None or protocol == "dpa-paper":    # the paper's blocks are cropped, never resized
             base = replace(base, data=replace(base.data, image_mpp=image_mpp))
         row["runs"] = _seeds(name, base, dataset, out / "runs" / name, seeds, device, echo)
         row["summary"] = summarize(row["runs"])
@@ -527,6 +555,12 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tune-slides", type=int, default=2, help="tumour training slides used by --tune (default 2)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="training and scoring device")
     parser.add_argument("--workers", type=int, default=None, help="local Dask workers for the slide pipeline")
+    parser.add_argument("--protocol", choices=("all-tiles", "dpa-paper"), default="all-tiles",
+                        help="slides only: all-tiles (every tile of the slides) or dpa-paper (the DPA paper's blocks "
+                             "and tile AUC, as `evaluate camelyon16 --protocol dpa-paper`) (default: %(default)s)")
+    parser.add_argument("--dpa-split", type=Path, metavar="DIR",
+                        help="the official block lists of the DPA paper for --protocol dpa-paper (default: lists "
+                             "built by the paper's rules)")
     parser.add_argument("--image-mpp", type=float, default=None,
                         help="µm/px of the tile images of an anomalib folder (e.g. 0.243 for Camelyon16 level 0): "
                              "every row's tiles are resized to its magnification, for training and scoring")
@@ -538,7 +572,8 @@ def run_compare(args: argparse.Namespace) -> int:
         detectors = ",".join(CONFIGS[args.configs])
     rows = parse_rows(detectors, args.configs, args.extra)
     report = compare(args.data, args.out, rows, seeds=args.seeds, tune=args.tune, tune_slides=args.tune_slides,
-                     device=args.device, workers=args.workers, image_mpp=args.image_mpp)
+                     device=args.device, workers=args.workers, image_mpp=args.image_mpp, protocol=args.protocol,
+                     dpa_split=args.dpa_split)
     if not any(r.get("status") == "ok" for row in report["rows"] for r in row["runs"]):
         print("wsi-ad: error: no row trained and scored (see the failures above)", file=sys.stderr)
         return 1

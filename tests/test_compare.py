@@ -114,3 +114,36 @@ def test_compare_on_an_anomalib_folder_of_real_patches(shared_data, tmp_path):
     assert main(["compare", "--data", str(patches), "--out", str(tmp_path / "none"), "--config", f"b={bad}"]) == 1
     assert not list(patches.glob("wsi-ad*"))                # nothing written into the dataset
     assert "slide AUC" not in (out / "compare.md").read_text().split("\n")[0]
+
+
+def test_compare_with_the_dpa_paper_protocol(synth_dataset, scored_setting, tmp_path):
+    """Issue 19: `compare --protocol dpa-paper` trains every row on the paper's training blocks of the slides and
+    scores the centre crops of its test blocks; the table names the protocol; a tile folder is refused."""
+    import numpy as np
+
+    data = tmp_path / "c16"
+    (data / "training").mkdir(parents=True)
+    (data / "training" / "normal").symlink_to(synth_dataset.root / "training" / "normal")
+    images, xmls = data / "testing" / "images", data / "testing" / "lesion_annotations"
+    images.mkdir(parents=True)
+    xmls.mkdir(parents=True)
+    (images / "test_001.tif").symlink_to(scored_setting["normal"].path)
+    (images / "test_002.tif").symlink_to(scored_setting["tumor"].path)
+    (xmls / "test_002.xml").symlink_to(scored_setting["tumor_xml"])
+    (data / "testing" / "reference.csv").write_text("Test_001,Normal,None,None\nTest_002,Tumor,IDC,Macro\n")
+    out = tmp_path / "cmp"
+    args = ["compare", "--data", str(data), "--out", str(out), "--seeds", "2", "--device", "cpu",
+            "--protocol", "dpa-paper", "--config", f"ae={_yaml(tmp_path / 'ae.yaml', AE)}"]
+    assert main(args) == 0
+    report = json.loads((out / "compare.json").read_text())
+    row = report["rows"][0]
+    blocks = json.loads((out / "dpa_paper" / "blocks.json").read_text())
+    assert report["data"]["protocol"] == "dpa-paper" and report["data"]["kind"] == "tiles"
+    assert [r["n_tumor_tiles"] for r in row["runs"]] == [blocks["counts"]["test/tumor"]] * 2
+    assert [r["n_normal_tiles"] for r in row["runs"]] == [blocks["counts"]["test/good"]] * 2
+    assert row["summary"]["tile_auc"]["mean"] == pytest.approx(np.mean([r["tile_auc"] for r in row["runs"]]))
+    assert "tile AUC (dpa-paper protocol)" in (out / "compare.md").read_text().split("\n")[0]
+    with pytest.raises(CompareError, match="needs a Camelyon16-like folder of slides"):
+        from pipelines.compare import compare
+
+        compare(out / "dpa_paper" / "blocks", tmp_path / "x", {}, protocol="dpa-paper", echo=lambda line: None)
