@@ -103,7 +103,7 @@ def run_camelyon16(data: str | Path, run: str | Path, *, model: str | Path | Non
                    tune_slides: int = 2, tiles_per_slide: int | None = None, device: str = "auto",
                    workers: int | None = None, scheduler: str | None = None, slide_classifier: str | None = None,
                    protocol: str = "all-tiles", seeds: int = 1, dpa_split: str | Path | None = None,
-                   echo=print) -> dict:
+                   tune_selection: str = "weakly-supervised", tune_tiles: int | None = 64, echo=print) -> dict:
     """Run the protocol (module docstring); returns the results also written to ``RUN/results.json``.
 
     ``slide_classifier="rf"`` also scores the training slides (normal and tumour) with the model and classifies the
@@ -122,7 +122,8 @@ def run_camelyon16(data: str | Path, run: str | Path, *, model: str | Path | Non
     started = time.perf_counter()
     layout, run = Camelyon16Layout(Path(data)), Path(run)
     layout.check(training=model is None or slide_classifier is not None,
-                 tumor_training=(model is None and tune) or slide_classifier is not None)
+                 tumor_training=(model is None and tune and tune_selection == "weakly-supervised")
+                 or slide_classifier is not None)
     read_reference_csv(layout.reference)        # a bad row is an error now, not after hours of scoring
     run.mkdir(parents=True, exist_ok=True)
     cluster = {"workers": workers, "scheduler": scheduler}
@@ -142,7 +143,8 @@ def run_camelyon16(data: str | Path, run: str | Path, *, model: str | Path | Non
             prepared = run_batch([layout.training_normal], run / "training_normal", BatchConfig(), echo=indent,
                                  **cluster)
             normal_stores = [Path(r["store"]) for r in prepared.results if r["status"] == "ok" and r.get("n_tiles")]
-            config, selection = _select(layout, run, normal_stores, config, tune_space, tune_slides, cluster, echo)
+            config, selection = _select(layout, run, normal_stores, config, tune_space, tune_slides, cluster, echo,
+                                        tune_selection, tune_tiles)
         if model is None:
             paper = run_dpa_paper(layout, run / "dpa_paper", config, seeds=seeds, device=device, split_dir=dpa_split,
                                   echo=echo)
@@ -169,7 +171,8 @@ def run_camelyon16(data: str | Path, run: str | Path, *, model: str | Path | Non
         config = config or Config()
         if tune:
             step = time.perf_counter()
-            config, selection = _select(layout, run, normal_stores, config, tune_space, tune_slides, cluster, echo)
+            config, selection = _select(layout, run, normal_stores, config, tune_space, tune_slides, cluster, echo,
+                                        tune_selection, tune_tiles)
             timings["tune"] = time.perf_counter() - step
         if tiles_per_slide is not None:
             config = replace(config, data=replace(config.data, tiles_per_slide=tiles_per_slide))
@@ -334,31 +337,41 @@ def _held_magnifications(space, stores: list[Path]):
 
 
 def _select(layout: Camelyon16Layout, run: Path, normal_stores: list[Path], base: Config, space, n_slides: int,
-            cluster: dict, echo) -> tuple[Config, dict]:
-    """Weakly-supervised selection on the tumour tiles of ``n_slides`` tumour training slides."""
+            cluster: dict, echo, selection: str = "weakly-supervised", anomaly_tiles: int | None = 64
+            ) -> tuple[Config, dict]:
+    """Hyperparameter selection (:func:`wsi_ad.tuning.tune`): ``weakly-supervised`` on the tumour tiles (at most
+    ``anomaly_tiles`` in all) of ``n_slides`` tumour training slides drawn with the base config's seed, or
+    ``unsupervised`` (the DPA paper's other criterion: the lowest score of held-out normal tiles; no tumour slide
+    is read)."""
     from wsi_ad.config import Config as _Config
     from wsi_ad.tuning import load_space, tune
 
-    every = discover([layout.training_tumor])
-    # drawn at random (seeded), not the first by name: slide names follow the centre and the scanner
-    picked = np.random.default_rng(base.train.seed).choice(len(every), min(n_slides, len(every)), replace=False)
-    tumor_slides = [every[i] for i in sorted(picked)]
-    echo(f"Preprocessing {len(tumor_slides)} tumour training slide(s) for hyperparameter selection "
-         f"({', '.join(p.stem for p in tumor_slides)}, drawn with seed {base.train.seed}) ...")
-    prepared = run_batch(tumor_slides, run / "training_tumor", BatchConfig(), echo=lambda line: echo("    " + line),
-                         **cluster)
-    tumor_stores = [Path(r["store"]) for r in prepared.results if r["status"] == "ok" and r.get("n_tiles")]
-    if not tumor_stores:
-        raise WsiAdError("--tune: no tumour training slide gave tiles")
-    echo("Selecting hyperparameters (3-fold cross-validation by slide, one anomaly type) ...")
+    tumor_slides, tumor_stores = [], []
+    if selection == "weakly-supervised":
+        every = discover([layout.training_tumor])
+        # drawn at random (seeded), not the first by name: slide names follow the centre and the scanner
+        picked = np.random.default_rng(base.train.seed).choice(len(every), min(n_slides, len(every)), replace=False)
+        tumor_slides = [every[i] for i in sorted(picked)]
+        echo(f"Preprocessing {len(tumor_slides)} tumour training slide(s) for hyperparameter selection "
+             f"({', '.join(p.stem for p in tumor_slides)}, drawn with seed {base.train.seed}) ...")
+        prepared = run_batch(tumor_slides, run / "training_tumor", BatchConfig(), echo=lambda line: echo("    " + line),
+                             **cluster)
+        tumor_stores = [Path(r["store"]) for r in prepared.results if r["status"] == "ok" and r.get("n_tiles")]
+        if not tumor_stores:
+            raise WsiAdError("--tune: no tumour training slide gave tiles")
+        echo("Selecting hyperparameters (3-fold cross-validation by slide, one anomaly type) ...")
+    else:
+        echo("Selecting hyperparameters without anomalies (lowest score of held-out normal tiles, 3 folds) ...")
     search, dropped = _held_magnifications(load_space(space, detector=base.detector), normal_stores + tumor_stores)
     if dropped:
         echo(f"    magnification(s) {', '.join(dropped)} of the search space left out: the stores hold "
              f"{', '.join(search.params['magnification'])} only")
-    outcome = tune(normal_stores, tumor_stores, layout.training_annotations, run / "tune", base_config=base,
-                   space=search, echo=lambda line: echo("    " + line))
-    summary = {"results": str(outcome.results_path), "best_config": str(outcome.best_config_path),
-               "best": outcome.best, "notes": outcome.notes, "tumor_slides": [p.stem for p in tumor_slides],
+    outcome = tune(normal_stores, tumor_stores or None, layout.training_annotations if tumor_stores else None,
+                   run / "tune", selection=selection, base_config=base, space=search, max_anomaly_tiles=anomaly_tiles,
+                   echo=lambda line: echo("    " + line))
+    summary = {"selection": selection, "results": str(outcome.results_path),
+               "best_config": str(outcome.best_config_path), "best": outcome.best, "notes": outcome.notes,
+               "tumor_slides": [p.stem for p in tumor_slides], "anomaly_tiles": anomaly_tiles if tumor_stores else 0,
                "magnifications_left_out": dropped}
     return _Config.from_yaml(outcome.best_config_path), summary
 
