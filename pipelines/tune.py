@@ -33,10 +33,14 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("normal", type=Path, nargs="+", metavar="NORMAL_STORES_OR_DIRS",
                         help="normal slide stores (*.zarr) or folders of them (the --out of `wsi-ad process`); "
                              "one store per slide, split into folds by slide")
-    parser.add_argument("--anomalies", type=Path, nargs="+", metavar="TUMOR_STORES_OR_DIRS",
+    parser.add_argument("--anomalies", type=Path, nargs="+", metavar="TUMOR_STORES_DIRS_OR_IMAGES",
                         help="stores of a few annotated tumour slides (training slides, never trained on): "
-                             "their tiles entirely inside the tumour annotations are the validation anomalies "
+                             "their tiles entirely inside the tumour annotations are the validation anomalies; or "
+                             "PNG/JPEG tumour tiles (files or folders of them, --anomaly-mpp, no --annotations) "
                              "(required unless --selection unsupervised)")
+    parser.add_argument("--anomaly-mpp", type=float, metavar="UM_PER_PX",
+                        help="µm/px of anomaly tile images, to resize them to each candidate's magnification "
+                             "(default: taken as at that magnification)")
     parser.add_argument("--annotations", type=Path, metavar="XML_DIR",
                         help="folder of ASAP XML annotations named <slide_id>.xml (Camelyon16 lesion_annotations)")
     parser.add_argument("--selection", choices=("weakly-supervised", "unsupervised"), default="weakly-supervised",
@@ -104,7 +108,7 @@ def run_tune(args: argparse.Namespace) -> int:
     result = tune(args.normal, args.anomalies, args.annotations, args.out, base_config=base, space=space,
                   folds=args.folds, max_candidates=args.max_candidates, max_anomaly_tiles=args.max_anomaly_tiles,
                   max_normal_tiles=args.max_normal_tiles, seed=args.seed, device=args.device, echo=echo,
-                  selection=args.selection)
+                  selection=args.selection, anomaly_mpp=args.anomaly_mpp)
     print(format_table(result.candidates, result.best))
     for note in result.notes:
         print(f"note: {note}")

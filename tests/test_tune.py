@@ -356,3 +356,34 @@ def test_every_candidate_of_the_shipped_spaces_is_a_valid_config(space, base):
     assert candidates
     for params in candidates:
         apply_params(base_config, params).validate()
+
+
+def test_anomalies_as_a_folder_of_tile_images_give_the_same_selection(search, setting, tmp_path, capsys):
+    """Issue 19: `tune --anomalies FOLDER` of PNG tumour tiles (no annotations) validates exactly as the same tiles
+    read from the annotated tumour store: the same AUC per fold and candidate, the same winner."""
+    from PIL import Image
+
+    from wsi_ad.tuning import read_tiles
+
+    picked = anomaly_tiles([setting["tumor_store"]], setting["xml_dir"], CAPS["max_anomaly_tiles"], seed=0).sample
+    tiles = read_tiles(picked.stores[0], picked.indices[0], "10x", 64)
+    folder = tmp_path / "tumour_tiles"
+    folder.mkdir()
+    for i, tile in enumerate(tiles):
+        Image.fromarray(tile).save(folder / f"tumor_103_{i:03d}.png")
+    base, space = tmp_path / "base.yaml", tmp_path / "space.yaml"
+    base.write_text(json.dumps(TINY_BASE))
+    space.write_text(yaml.safe_dump(TINY_SPACE))
+    with one_torch_thread():
+        assert main(["tune", *map(str, setting["normals"]), "--anomalies", str(folder), "--out", str(tmp_path / "img"),
+                     "--base-config", str(base), "--space", str(space), "--max-normal-tiles", "48",
+                     "--max-anomaly-tiles", str(CAPS["max_anomaly_tiles"])]) == 0
+    document = json.loads((tmp_path / "img" / "tune_results.json").read_text())
+    assert document["settings"]["anomaly_images"] == [str(folder)] and document["settings"]["anomaly_stores"] == []
+    assert "image files" in capsys.readouterr().err
+    from_stores = {c["index"]: [f["auc"] for f in c["folds"]] for c in search["result"].candidates if c["status"] == "ok"}
+    from_images = {c["index"]: [f["auc"] for f in c["folds"]] for c in document["candidates"] if c["status"] == "ok"}
+    assert from_images.keys() == from_stores.keys() and len(from_images) == 2
+    for index, aucs in from_images.items():
+        assert aucs == pytest.approx(from_stores[index], abs=1e-6)
+    assert document["best"]["index"] == search["result"].best["index"]

@@ -428,6 +428,69 @@ class TileSample:
         return np.concatenate(parts) if parts else np.zeros((0, size, size, 3), np.uint8)
 
 
+@dataclass
+class ImageTileSample:
+    """Validation anomalies given as image files (PNG/JPEG tumour tiles, e.g. a folder of annotated patches):
+    ``files``, their µm/px ``image_mpp`` (None: already at the model's magnification). :meth:`tiles` loads them as
+    the tile scorer does (:func:`wsi_ad.scoring.score_image_folder`): resized to the magnification, centre crop.
+    ``stores`` is empty: the slide-disjoint guard cannot check image files, so their slides must not be among the
+    normal training slides (the caller's responsibility, said in ``tune_results.json``)."""
+
+    files: list[Path]
+    image_mpp: float | None = None
+    stores: list[Path] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def key(self) -> str:
+        text = json.dumps([[str(f.resolve()) for f in self.files], self.image_mpp])
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+    def tiles(self, magnification: str, size: int) -> np.ndarray:
+        from wsi_ad.scoring import _CenterCrop
+        from wsi_ad.slide import magnification_to_mpp
+        from wsi_ad.tile_pool import ImageFolderSource
+
+        scale = self.image_mpp / magnification_to_mpp(magnification) if self.image_mpp else None
+        return ImageFolderSource(self.files, size, scale).read(0, len(self.files), _CenterCrop())
+
+
+def anomaly_images(paths: Sequence[str | os.PathLike], image_mpp: float | None = None, max_tiles: int | None = 64,
+                   seed: int = 0) -> AnomalySelection:
+    """Validation anomalies from image files or folders of them (searched recursively): a seeded sample of at
+    most ``max_tiles`` (None: all). Raises :class:`TuneError` when there is none or ``image_mpp`` is not positive."""
+    from wsi_ad.scoring import find_image_tiles
+
+    if image_mpp is not None and not image_mpp > 0:
+        raise TuneError(f"anomaly image µm/px must be positive, got {image_mpp}")
+    try:
+        files = find_image_tiles(list(paths))
+    except WsiAdError as exc:
+        raise TuneError(f"--anomalies: {exc}") from None
+    if not files:
+        raise TuneError(f"no PNG/JPEG anomaly tile in {', '.join(map(str, paths))}")
+    picks = sorted(_sample(list(range(len(files))), max_tiles, np.random.default_rng([int(seed), 2])))
+    summary = [{"images": [str(p) for p in paths], "tumor_tiles": len(files), "selected": len(picks),
+                "image_mpp": image_mpp, "note": "image files: the slide-disjoint guard cannot check them"}]
+    return AnomalySelection(ImageTileSample([files[i] for i in picks], image_mpp), summary)
+
+
+def _are_images(paths: Sequence[str | os.PathLike]) -> bool:
+    """Whether ``paths`` name image tiles (files, or folders holding PNG/JPEG files and no ``*.zarr`` store)."""
+    from wsi_ad.tile_pool import IMAGE_SUFFIXES
+
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            continue
+        if path.is_dir() and not path.name.endswith(".zarr") and not any(path.glob("*.zarr")) and any(
+                f.suffix.lower() in IMAGE_SUFFIXES for f in path.rglob("*") if f.is_file()):
+            continue
+        return False
+    return bool(paths)
+
+
 def normal_sample(stores: Sequence[Path], max_tiles: int | None, seed: int) -> TileSample:
     """A seeded sample of at most ``max_tiles`` tiles (None: all) of the ``stores``, pooled."""
     stores = list(stores)
@@ -539,7 +602,7 @@ def evaluate_fold(config: Config, fold: Fold, normals: TileSample, anomalies: Ti
     # The leak of the official DPA code: never validate on tiles of the training slides.
     check_disjoint(fold.train, fold.validation)
     check_disjoint(fold.train, normals.stores)
-    if anomalies is not None:
+    if anomalies is not None and not isinstance(anomalies, ImageTileSample):   # image files name no slide
         check_disjoint(fold.train, anomalies.stores, what="anomaly")
     outside = {p.resolve() for p in normals.stores} - {p.resolve() for p in fold.validation}
     if outside:
@@ -606,6 +669,7 @@ def tune(
     max_candidates: int | None = None,
     max_anomaly_tiles: int | None = 64,
     max_normal_tiles: int | None = 4096,
+    anomaly_mpp: float | None = None,
     seed: int = 0,
     device: str | None = None,
     echo: Callable[[str], None] = print,
@@ -613,7 +677,9 @@ def tune(
     """Weakly-supervised hyperparameter search (see the module docstring); writes ``out/tune_results.json``
     and ``out/best_config.yaml``.
 
-    ``normal_stores`` / ``anomaly_stores``: slide stores or folders of stores (one store per slide);
+    ``normal_stores`` / ``anomaly_stores``: slide stores or folders of stores (one store per slide); the anomalies
+    may instead be PNG/JPEG tumour tiles (files or folders of them; :func:`anomaly_images`, at ``anomaly_mpp`` µm/px,
+    no annotations needed);
     ``annotations_dir``: ASAP XML ``<slide_id>.xml`` of the tumour slides; ``base_config``: what the
     candidates change (default: the paper's :class:`Config`); ``space``: default the detector's ``default_search_space``;
     ``folds``: K of the slide-wise cross-validation; ``max_candidates``: overrides the space's;
@@ -632,7 +698,9 @@ def tune(
     if selection not in SELECTIONS:
         raise TuneError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
     supervised = selection == "weakly-supervised"
-    if supervised and (not anomaly_stores or annotations_dir is None):
+    if supervised and anomaly_stores and _are_images(anomaly_stores):
+        pass                                # tumour tiles as images: no annotations needed
+    elif supervised and (not anomaly_stores or annotations_dir is None):
         raise TuneError("weakly-supervised selection needs anomaly stores and their annotations "
                         "(--anomalies, --annotations); --selection unsupervised needs neither")
     out = Path(out)
@@ -649,22 +717,27 @@ def tune(
         if value is not None and value < 1:
             raise TuneError(f"{name} must be >= 1, got {value}")
     normals = find_stores(normal_stores, "normal")
-    tumors = find_stores(anomaly_stores, "anomaly") if supervised else []
+    images = supervised and anomaly_stores is not None and _are_images(anomaly_stores)
+    tumors = find_stores(anomaly_stores, "anomaly") if supervised and not images else []
     for store in normals + tumors:
         _tiles_group(store)  # every store must have been tiled
     normals.sort(key=lambda p: (_slide_id(p), str(p.resolve())))  # folds do not depend on the argument order
-    if supervised:
+    if supervised and not images:
         check_disjoint(normals, tumors, what="anomaly", against="normal")
     notes: list[str] = []
     fold_list = slide_folds(normals, folds, seed)
     if len(fold_list) < folds:
         notes.append(f"{len(normals)} normal slides: folds reduced from {folds} to {len(fold_list)} (leave one slide out)")
         echo("note: " + notes[-1])
-    anomalies = anomaly_tiles(tumors, annotations_dir, max_anomaly_tiles, seed) if supervised else None
+    if images:
+        anomalies = anomaly_images(anomaly_stores, anomaly_mpp, max_anomaly_tiles, seed)
+    else:
+        anomalies = anomaly_tiles(tumors, annotations_dir, max_anomaly_tiles, seed) if supervised else None
     normal_samples = [normal_sample(f.validation, max_normal_tiles, seed * 1000 + f.index) for f in fold_list]
     if supervised:
+        origin = "image files" if images else f"{len(tumors)} tumour slide(s)"
         echo(f"{len(normals)} normal slides in {len(fold_list)} folds; {len(anomalies.sample)} anomaly tiles from "
-             f"{len(tumors)} tumour slide(s) ({sum(d['tumor_tiles'] for d in anomalies.summary)} tumour tiles there)")
+             f"{origin} ({sum(d['tumor_tiles'] for d in anomalies.summary)} tumour tiles there)")
     else:
         echo(f"{len(normals)} normal slides in {len(fold_list)} folds; unsupervised selection: the lowest mean score "
              "of held-out normal tiles wins (no anomalies)")
@@ -678,6 +751,7 @@ def tune(
     settings = {
         "selection": selection, "normal_stores": [str(p) for p in normals],
         "anomaly_stores": [str(p) for p in tumors], "annotations": None if annotations_dir is None else str(annotations_dir),
+        "anomaly_images": [str(p) for p in anomaly_stores] if images else None, "anomaly_mpp": anomaly_mpp,
         "folds_requested": folds, "folds": len(fold_list), "seed": seed,
         "max_candidates": max_candidates if max_candidates is not None else space.max_candidates,
         "max_anomaly_tiles": max_anomaly_tiles, "max_normal_tiles": max_normal_tiles, "device": device,
