@@ -90,3 +90,23 @@ def scored_setting(tmp_path_factory):
     return {"normal": normal, "tumor": tumor, "normal_store": root / "stores" / "normal_102.zarr",
             "tumor_store": root / "stores" / "tumor_103.zarr", "tumor_xml": root / "slides" / "tumor_103.xml",
             "model": result.checkpoint, "stores_dir": root / "stores"}
+
+
+@pytest.fixture
+def paper_layout(tmp_path, synth_dataset, scored_setting):
+    """A Camelyon16-like folder of symbolic links (``tmp_path/c16``): two normal training slides, one normal and one
+    tumour test slide (the scored setting's, whose 0.8 mm lesion holds whole 768 px grid blocks of the DPA
+    paper's protocol), ``reference.csv`` and the tumour slide's ASAP XML."""
+    data = tmp_path / "c16"
+    normal = data / "training" / "normal"
+    normal.mkdir(parents=True)
+    (normal / "normal_001.tif").symlink_to(synth_dataset.root / "training" / "normal" / "normal_001.tif")
+    (normal / "normal_101.tif").symlink_to(scored_setting["model"].parent / "train" / "normal_101.tif")
+    images, xmls = data / "testing" / "images", data / "testing" / "lesion_annotations"
+    images.mkdir(parents=True)
+    xmls.mkdir(parents=True)
+    (images / "test_001.tif").symlink_to(scored_setting["normal"].path)
+    (images / "test_002.tif").symlink_to(scored_setting["tumor"].path)
+    (xmls / "test_002.xml").symlink_to(scored_setting["tumor_xml"])
+    (data / "testing" / "reference.csv").write_text("Test_001,Normal,None,None\nTest_002,Tumor,IDC,Macro\n")
+    return data

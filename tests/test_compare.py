@@ -116,21 +116,12 @@ def test_compare_on_an_anomalib_folder_of_real_patches(shared_data, tmp_path):
     assert "slide AUC" not in (out / "compare.md").read_text().split("\n")[0]
 
 
-def test_compare_with_the_dpa_paper_protocol(synth_dataset, scored_setting, tmp_path):
+def test_compare_with_the_dpa_paper_protocol(paper_layout, tmp_path):
     """Issue 19: `compare --protocol dpa-paper` trains every row on the paper's training blocks of the slides and
     scores the centre crops of its test blocks; the table names the protocol; a tile folder is refused."""
     import numpy as np
 
-    data = tmp_path / "c16"
-    (data / "training").mkdir(parents=True)
-    (data / "training" / "normal").symlink_to(synth_dataset.root / "training" / "normal")
-    images, xmls = data / "testing" / "images", data / "testing" / "lesion_annotations"
-    images.mkdir(parents=True)
-    xmls.mkdir(parents=True)
-    (images / "test_001.tif").symlink_to(scored_setting["normal"].path)
-    (images / "test_002.tif").symlink_to(scored_setting["tumor"].path)
-    (xmls / "test_002.xml").symlink_to(scored_setting["tumor_xml"])
-    (data / "testing" / "reference.csv").write_text("Test_001,Normal,None,None\nTest_002,Tumor,IDC,Macro\n")
+    data = paper_layout
     out = tmp_path / "cmp"
     args = ["compare", "--data", str(data), "--out", str(out), "--seeds", "2", "--device", "cpu",
             "--protocol", "dpa-paper", "--config", f"ae={_yaml(tmp_path / 'ae.yaml', AE)}"]

@@ -229,24 +229,7 @@ def test_camelyon16_without_test_slides_still_writes_results_and_a_bad_reference
     assert not (tmp_path / "run2" / "testing").exists()                           # nothing was processed
 
 
-def _paper_layout(data, synth_dataset, scored_setting):
-    """A Camelyon16-like folder of symbolic links: two normal training slides, one normal and one tumour test slide
-    (the scored setting's, whose 0.8 mm lesion holds whole 768 px grid blocks)."""
-    normal = data / "training" / "normal"
-    normal.mkdir(parents=True)
-    (normal / "normal_001.tif").symlink_to(synth_dataset.root / "training" / "normal" / "normal_001.tif")
-    (normal / "normal_101.tif").symlink_to(scored_setting["model"].parent / "train" / "normal_101.tif")
-    images, xmls = data / "testing" / "images", data / "testing" / "lesion_annotations"
-    images.mkdir(parents=True)
-    xmls.mkdir(parents=True)
-    (images / "test_001.tif").symlink_to(scored_setting["normal"].path)
-    (images / "test_002.tif").symlink_to(scored_setting["tumor"].path)
-    (xmls / "test_002.xml").symlink_to(scored_setting["tumor_xml"])
-    (data / "testing" / "reference.csv").write_text("Test_001,Normal,None,None\nTest_002,Tumor,IDC,Macro\n")
-    return data
-
-
-def test_dpa_paper_protocol_on_a_synthetic_dataset(synth_dataset, scored_setting, tmp_path, shared_data_if_present):
+def test_dpa_paper_protocol_on_a_synthetic_dataset(paper_layout, tmp_path, shared_data_if_present):
     """Issue 19: --protocol dpa-paper builds the paper's blocks by its rules (<= 50 random 768 px tissue blocks of
     the 768 px grid a slide, as the official lists; tumour blocks fully inside the lesion), trains two seeds on 64 px
     crops of the 192 px training blocks and reports the tile AUC on the centre crops as mean ± std, each number
@@ -255,7 +238,7 @@ def test_dpa_paper_protocol_on_a_synthetic_dataset(synth_dataset, scored_setting
 
     from wsi_ad.annotations import read_asap_xml as read_xml
 
-    data, run = _paper_layout(tmp_path / "c16", synth_dataset, scored_setting), tmp_path / "run"
+    data, run = paper_layout, tmp_path / "run"
     xmls = data / "testing" / "lesion_annotations"
     space = tmp_path / "space.yaml"
     space.write_text("mode: grid\nmax_candidates: 2\nspace:\n  lr: [0.003, 0.001]\n")

@@ -487,14 +487,20 @@ class _Cells:
     amp: np.ndarray  # haematoxylin concentration of the nucleus
 
 
+def _cell_window(s: int, x0: int, y0: int, w: int, h: int) -> tuple[int, int, int, int, np.ndarray, np.ndarray]:
+    """The cells (side ``s`` level-0 px) of a grid touching the window (level-0 x0, y0, w, h), one cell wider on
+    each side: the first cell's (row, col) ``cy0, cx0``, the counts ``ncy, ncx`` and the row / column indices
+    ``iy`` (ncy, 1) and ``ix`` (1, ncx) int64."""
+    cy0, cx0 = y0 // s - 1, x0 // s - 1
+    ncy, ncx = h // s + 2, w // s + 2
+    return cy0, cx0, ncy, ncx, np.arange(cy0, cy0 + ncy)[:, None], np.arange(cx0, cx0 + ncx)[None, :]
+
+
 def _cell_params(scene: _Scene, kind: str, x0: int, y0: int, w: int, h: int) -> _Cells:
     """Hashed nucleus parameters of every grid cell touching the window (level-0 x0, y0, w, h)."""
     s = scene.lymph_cell if kind == "lymph" else scene.tumor_cell
     salt = _S_LYMPH if kind == "lymph" else _S_TUMOR
-    cy0, cx0 = y0 // s - 1, x0 // s - 1
-    ncy, ncx = h // s + 2, w // s + 2
-    iy = np.arange(cy0, cy0 + ncy)[:, None]
-    ix = np.arange(cx0, cx0 + ncx)[None, :]
+    cy0, cx0, ncy, ncx, iy, ix = _cell_window(s, x0, y0, w, h)
 
     def u(k: int) -> np.ndarray:
         return _hash_u01(scene.seed, salt * 16 + k, iy, ix)
@@ -721,10 +727,7 @@ def _ln_lymph_cells(scene: _Scene, active: frozenset[str], x0: int, y0: int, w: 
     ``amp`` is negative for vesicular nuclei (open chromatin, a rim and a nucleolus when drawn).
     """
     s, mpp = scene.lymph_cell, scene.mpp
-    cy0, cx0 = y0 // s - 1, x0 // s - 1
-    ncy, ncx = h // s + 2, w // s + 2
-    iy = np.arange(cy0, cy0 + ncy)[:, None]
-    ix = np.arange(cx0, cx0 + ncx)[None, :]
+    cy0, cx0, ncy, ncx, iy, ix = _cell_window(s, x0, y0, w, h)
 
     def u(k: int) -> np.ndarray:
         return _hash_u01(scene.seed, _C_LN_LYMPH * 16 + k, iy, ix)
@@ -789,10 +792,7 @@ def _ln_rbc_cells(scene: _Scene, active: frozenset[str], x0: int, y0: int, w: in
     """Red blood cells (discs of 3.2-3.8 µm radius, no nucleus) on the lymphocyte grid: packed in a vessel's lumen
     (fewer where the vessel is partly empty), scattered in haemorrhage. ``amp`` is the RBC concentration."""
     s, mpp = scene.lymph_cell, scene.mpp
-    cy0, cx0 = y0 // s - 1, x0 // s - 1
-    ncy, ncx = h // s + 2, w // s + 2
-    iy = np.arange(cy0, cy0 + ncy)[:, None]
-    ix = np.arange(cx0, cx0 + ncx)[None, :]
+    cy0, cx0, ncy, ncx, iy, ix = _cell_window(s, x0, y0, w, h)
 
     def u(k: int) -> np.ndarray:
         return _hash_u01(scene.seed, _C_LN_RBC * 16 + k, iy, ix)
@@ -901,10 +901,7 @@ def _tumor_tissue_ln(scene: _Scene, x0: int, y0: int, w: int, h: int, irregular:
     membrane and a prominent nucleolus) in ample pale amphophilic cytoplasm, split by thin stromal septa with
     retraction clefts. A nucleus holds no more haematoxylin per pixel than a lymphocyte (it is larger, not darker)."""
     s = scene.tumor_cell
-    cy0, cx0 = y0 // s - 1, x0 // s - 1
-    ncy, ncx = h // s + 2, w // s + 2
-    iy = np.arange(cy0, cy0 + ncy)[:, None]
-    ix = np.arange(cx0, cx0 + ncx)[None, :]
+    cy0, cx0, ncy, ncx, iy, ix = _cell_window(s, x0, y0, w, h)
 
     def u(k: int) -> np.ndarray:
         return _hash_u01(scene.seed, _C_LN_TUMOR * 16 + k, iy, ix)
