@@ -207,8 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/wsi-ad-bench-synth-realism"),
                         help="tiles and models (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="offset of the slide seeds (default: %(default)s)")
-    parser.add_argument("--patches", type=Path, default=DEFAULT_PATCHES, help="the real patches, for the montage")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "synth_realism.json")
+    parser.add_argument("--patches", type=Path, default=DEFAULT_PATCHES,
+                        help="the real patches, for the montage (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "synth_realism.json",
+                        help="report JSON (default: %(default)s)")
     parser.add_argument("--montage", type=Path, default=None, help="montage PNG (default: beside --out)")
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]

@@ -135,7 +135,7 @@ def run_camelyon16(data: str | Path, run: str | Path, *, model: str | Path | Non
 
     paper = None
     if protocol == "dpa-paper":
-        from pipelines.dpa_protocol import build_block_folder, official_lists, rule_lists, run_dpa_paper
+        from pipelines.dpa_protocol import build_block_folder, official_lists, rule_lists, run_dpa_paper, undefined_reason
 
         step = time.perf_counter()
         config = config or Config()
@@ -148,16 +148,19 @@ def run_camelyon16(data: str | Path, run: str | Path, *, model: str | Path | Non
         if model is None:
             paper = run_dpa_paper(layout, run / "dpa_paper", config, seeds=seeds, device=device, split_dir=dpa_split,
                                   echo=echo)
-            model = Path(next(r["checkpoint"] for r in paper["runs"] if r.get("status") == "ok"))
+            first = next((r["checkpoint"] for r in paper["runs"] if r.get("status") == "ok"), None)
+            model = Path(first) if first else None  # no test block: the slide metrics get a model of all tiles
         else:                               # evaluate the given model on the protocol's blocks
             from pipelines.compare import _FolderData
 
             lists = official_lists(dpa_split) if dpa_split else rule_lists(layout, echo=echo)
             folder, manifest = build_block_folder(layout, lists, run / "dpa_paper", echo=echo)
-            record = _FolderData(folder).evaluate(Path(model), run / "dpa_paper" / "given", device, echo)
-            paper = {"protocol": manifest["protocol"], "blocks": manifest, "runs": [{**record, "status": "ok"}],
-                     "auc_mean": record["tile_auc"], "auc_std": 0.0, "n_seeds": 1,
+            paper = {"protocol": manifest["protocol"], "blocks": manifest, "runs": [], "auc_mean": None,
+                     "auc_std": None, "n_seeds": 0, "note": undefined_reason(manifest),
                      "n_normal_tiles": manifest["counts"]["test/good"], "n_tumor_tiles": manifest["counts"]["test/tumor"]}
+            if paper["note"] is None:
+                record = _FolderData(folder).evaluate(Path(model), run / "dpa_paper" / "given", device, echo)
+                paper.update(runs=[{**record, "status": "ok"}], auc_mean=record["tile_auc"], auc_std=0.0, n_seeds=1)
         timings["dpa_paper"] = time.perf_counter() - step
     if model is None:
         step = time.perf_counter()
@@ -246,6 +249,7 @@ def _paper_summary(paper: dict | None) -> dict | None:
     if paper is None:
         return None
     return {"protocol": paper["protocol"], "auc_mean": paper["auc_mean"], "auc_std": paper["auc_std"],
+            "note": paper.get("note"),
             "n_seeds": paper["n_seeds"], "aucs": [r.get("tile_auc") for r in paper["runs"] if r.get("status") == "ok"],
             "n_normal_tiles": paper["n_normal_tiles"], "n_tumor_tiles": paper["n_tumor_tiles"],
             "blocks": paper["blocks"], "failed_seeds": [r for r in paper["runs"] if r.get("status") != "ok"],
@@ -265,16 +269,20 @@ def _heatmaps(results: list[dict]) -> dict[str, tuple]:
 
 
 def slide_reducer_aucs(tested_results: list[dict], layout: Camelyon16Layout) -> dict:
-    """Slide AUC over the whole reference of each tile-score reducer (``max``, ``topk_mean``, ``percentile`` with
-    their default parameters, :func:`wsi_ad.heatmap.slide_score`), an unscored slide counted wrong as in ``slide``."""
-    from wsi_ad.heatmap import slide_score
+    """Slide AUC over the whole reference of each reducer (``max``, ``topk_mean``, ``percentile`` with their default
+    parameters), each computed as the run computes its slide score: on the stored heatmap's interior cells, the
+    tissue rim of the run's ``edge_cells`` left out (:func:`wsi_ad.heatmap.heatmap_slide_score`); an unscored slide
+    counted wrong as in ``slide``."""
+    from wsi_ad.heatmap import DEFAULT_EDGE_CELLS, heatmap_slide_score
     from wsi_ad.metrics import slide_auc_report
 
     reference = read_reference_csv(layout.reference)
     heatmaps = _heatmaps(tested_results)
     out = {}
     for reducer in ("max", "topk_mean", "percentile"):
-        scores = {sid: slide_score(tiles, reducer) for sid, (_, tiles) in heatmaps.items()}
+        scores = {sid: heatmap_slide_score(heatmap.values, reducer,
+                                           edge_cells=int(heatmap.reducer_params.get("edge_cells", DEFAULT_EDGE_CELLS)))
+                  for sid, (heatmap, _) in heatmaps.items()}
         scores = {sid: s for sid, s in scores.items() if np.isfinite(s)}
         try:
             out[reducer] = slide_auc_report(reference, scores, missing="wrong")["overall"]["auc"]
@@ -609,8 +617,9 @@ def results_table(results: dict) -> str:
         if metric == "tile_auc" and paper is not None:
             # the paper's 0.934 goes beside the number measured its way; the all-tiles one stands alone
             spread = f" ± {paper['auc_std']:.3f}" if paper["n_seeds"] > 1 else ""
+            value = "undefined" if paper["auc_mean"] is None else f"{paper['auc_mean']:.3f}{spread}"
             for ref in published:
-                lines.append(f"| tile-level ROC AUC (dpa-paper protocol) | {paper['auc_mean']:.3f}{spread} | "
+                lines.append(f"| tile-level ROC AUC (dpa-paper protocol) | {value} | "
                              f"{paper['n_tumor_tiles']} tumour / {paper['n_normal_tiles']} normal tiles, "
                              f"{paper['n_seeds']} seed(s), {paper['blocks']['source']} | {ref['value']:.3f} | "
                              f"{ref['who']} |")
@@ -648,6 +657,11 @@ def results_table(results: dict) -> str:
                          f"{block['n_normal']} slides | | |")
     notes = [f"- {names[metric]} undefined: {blocks[metric].get('note', '').removeprefix('undefined: ')}"
              for metric in ("slide_auc", "tile_auc", "froc") if ours[metric] is None]
+    if paper is not None and paper.get("note"):
+        notes.append(f"- tile-level ROC AUC (dpa-paper protocol) undefined: {paper['note'].removeprefix('undefined: ')}")
+    if paper is not None and paper["blocks"].get("not_stain_normalised"):
+        notes.append("- dpa-paper blocks not stain-normalised (no stain fit): "
+                     + ", ".join(paper["blocks"]["not_stain_normalised"]))
     if notes:
         lines += ["", *notes]
     unexpected = slide_block.get("unexpected") or []

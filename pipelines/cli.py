@@ -190,9 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from wsi_ad.synth import synthesize_dataset
 
-    dataset = synthesize_dataset(args.out, n_normal=args.normal, n_tumor=args.tumor, n_test=args.test,
-                                 size_px=args.size, seed=args.seed,
-                                 **({} if args.tissue is None else {"tissue": args.tissue}))
+    try:
+        dataset = synthesize_dataset(args.out, n_normal=args.normal, n_tumor=args.tumor, n_test=args.test,
+                                     size_px=args.size, seed=args.seed,
+                                     **({} if args.tissue is None else {"tissue": args.tissue}))
+    except ValueError as exc:               # a slide too small for its tissue or lesions: one line, not a traceback
+        raise WsiAdError(f"synth: {exc}") from exc
     print(dataset.describe())
     return 0
 

@@ -13,22 +13,21 @@ those 4,817 tiles. This module measures the same way:
    (:func:`rule_lists`: per slide, up to 50 random, seeded 768 px blocks of a non-overlapping grid with at least
    half their area tissue (the pipeline's tile rule and Otsu mask); on tumour test slides, blocks fully inside the
    lesion polygons);
-2. each block read from its slide at level 0, resized to 192 px (area average), written as PNG into an anomalib
-   Folder (``train/good``, ``test/good``, ``test/tumor``), then Vahadane-normalised to the pipeline's reference
-   stain with one fit per slide (:func:`wsi_ad.tile_stain.normalize_tile_folder`, as slides are normalised before
-   tiling: the fit is on the slide's blocks rather than its whole tissue);
+2. each block read from its slide at level 0, stain-normalised as the pipeline normalises the slide's tiles
+   (the slide's Vahadane fit on its whole tissue, mapped to the reference stain), resized to 192 px (area
+   average) and written as PNG into an anomalib Folder (``train/good``, ``test/good``, ``test/tumor``);
 3. ``seeds`` trainings on ``train/good`` (random 64 px crops, the pool's augmentation), each scored on the centre
    crops of ``test/`` (:func:`pipelines.compare.run_one`): tile AUC mean ± std (population std, as the paper).
 
 A slide that a list names but the dataset lacks, or that cannot be read, is recorded and skipped; the protocol
-stops only when no training or no test block is left. Every output is written atomically and a re-run reuses the
+stops only when no training block is left. Without a normal or a tumour test block its tile AUC is undefined,
+with the reason, and nothing is trained on the blocks. Every output is written atomically and a re-run reuses the
 blocks and the finished trainings.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -45,8 +44,6 @@ BLOCK_RESIZED_PX = 192
 BLOCKS_PER_SLIDE = 50
 #: Test slides the paper (and the official FROC) leaves out.
 EXCLUDED_SLIDES = frozenset({"test_114"})
-#: Block files are ``<slide>_x<X>_y<Y>.png`` (level-0 x, y): the slide is the stain-fit group.
-BLOCK_FILE = re.compile(r"^(.*)_x\d+_y\d+")
 PROTOCOL = ("dpa-paper: <= 50 blocks of 768 px at 40x a slide, resized to 192 px (10x), random 64 px crops for "
             "training, the centre crop for testing; normal test tiles from normal test slides only")
 
@@ -130,31 +127,37 @@ def rule_lists(layout, seed: int = 0, echo=print) -> BlockLists:
     return BlockLists(train, test_normal, test_tumor, f"built by the paper's rules (seed {seed})")
 
 
-def _read_block(slide, block: Block) -> np.ndarray:
-    """The block at level 0 resized to 192 px by area averaging, (192, 192, 3) uint8."""
+def _read_block(slide, block: Block, normalizer) -> np.ndarray:
+    """The block at level 0, stain-normalised (``normalizer``), resized to 192 px by area averaging:
+    (192, 192, 3) uint8."""
     from PIL import Image
 
-    region = slide.read_level(0, (block.x, block.y), block.size)
+    region = normalizer(slide.read_level(0, (block.x, block.y), block.size))
     return np.asarray(Image.fromarray(region).resize((BLOCK_RESIZED_PX, BLOCK_RESIZED_PX), Image.BOX))
 
 
 def build_block_folder(layout, lists: BlockLists, out: str | Path, echo=print) -> tuple[Path, dict]:
-    """Extract every block of ``lists`` into ``out/raw`` (an anomalib Folder of 192 px PNGs) and normalise it into
-    ``out/blocks``; returns (``out/blocks``, the manifest also written to ``out/blocks.json``: source, counts,
-    missing and failed slides). Finished files are kept by a re-run. Raises ``WsiAdError`` when no training or no
-    test block could be made."""
+    """Extract every block of ``lists`` into ``out/blocks`` (an anomalib Folder of 192 px PNGs: ``train/good``,
+    ``test/good``, ``test/tumor``), each normalised as the pipeline normalises a slide's tiles: the slide's stain
+    fitted on its whole tissue (:func:`wsi_ad.stain.fit_slide_stain` on the Otsu mask) and mapped to the reference
+    stain at level 0, before the resize. Returns (``out/blocks``, the manifest also written to ``out/blocks.json``:
+    source, counts, each slide's stain-fit method, missing and failed slides). Finished files are kept by a re-run.
+    Raises ``WsiAdError`` when no training block could be made; a folder without normal or tumour test blocks is
+    returned as it is (the caller reports the tile AUC undefined).
+    """
     from PIL import Image
 
     from wsi_ad.slide import find_slides, open_slide, slide_id_of
-    from wsi_ad.stain import DEFAULT_TARGET
-    from wsi_ad.tile_stain import normalize_tile_folder
+    from wsi_ad.stain import DEFAULT_TARGET, StainNormalizer, fit_slide_stain
+    from wsi_ad.tissue import mask_slide
 
     out = Path(out)
+    blocks_dir = out / "blocks"
     files = {slide_id_of(p).lower(): p for p in find_slides([layout.training_normal, layout.testing_images])}
     groups = {("train", "good"): lists.train, ("test", "good"): lists.test_normal, ("test", "tumor"): lists.test_tumor}
-    missing, failed, counts = set(), {}, {}
+    missing, failed, counts, stain = set(), {}, {}, {}
     for (split, label), blocks in groups.items():
-        folder = out / "raw" / split / label
+        folder = blocks_dir / split / label
         folder.mkdir(parents=True, exist_ok=True)
         by_slide: dict[str, list[Block]] = {}
         for block in blocks:
@@ -174,33 +177,47 @@ def build_block_folder(layout, lists: BlockLists, out: str | Path, echo=print) -
                             raise WsiAdError(f"{len(outside)} of its {len(slide_blocks)} listed blocks lie outside "
                                              f"the slide ({width} x {height} px), e.g. at ({outside[0].x}, "
                                              f"{outside[0].y}): not the slide the list names")
+                        fit = fit_slide_stain(slide, mask_slide(slide)[0])
+                        stain[sid] = fit.method
+                        normalizer = StainNormalizer(fit, DEFAULT_TARGET)
                         for b in todo:
                             target = folder / f"{sid}_x{b.x}_y{b.y}.png"
                             tmp = target.with_name(target.stem + ".tmp.png")
-                            Image.fromarray(_read_block(slide, b)).save(tmp)
+                            Image.fromarray(_read_block(slide, b, normalizer)).save(tmp)
                             tmp.replace(target)
                 written += len(slide_blocks)
             except WsiAdError as exc:
                 failed[sid] = str(exc)
                 echo(f"    {sid}: FAILED ({exc})")
         counts[f"{split}/{label}"] = written
-    if not counts["train/good"] or not (counts["test/good"] and counts["test/tumor"]):
-        raise WsiAdError(f"dpa-paper protocol: no {'training' if not counts['train/good'] else 'normal and tumour test'} "
-                         f"blocks could be made (blocks per folder {counts}; slides missing from the dataset: "
-                         f"{len(missing)}; failed: {len(failed)})")
+    if not counts["train/good"]:
+        raise WsiAdError(f"dpa-paper protocol: no training block could be made ({len(lists.train)} listed; slides "
+                         f"missing from the dataset: {len(missing)}; failed: {len(failed)}"
+                         + (f", e.g. {next(iter(failed))}: {next(iter(failed.values()))}" if failed else "") + ")")
     echo(f"    {counts['train/good']} training, {counts['test/good']} normal and {counts['test/tumor']} tumour test "
-         f"blocks ({lists.source}); normalising the stain (one fit per slide) ...")
-    result = normalize_tile_folder(out / "raw", out / "blocks", target=DEFAULT_TARGET,
-                                   group_pattern=BLOCK_FILE.pattern)
-    if result.failures:
-        raise WsiAdError(f"dpa-paper protocol: stain normalisation failed for {len(result.failures)} blocks, e.g. "
-                         f"{next(iter(result.failures))}")
+         f"blocks ({lists.source})")
+    unnormalised = sorted(sid for sid, method in stain.items() if method == "identity")
+    if unnormalised:
+        echo(f"    warning: no stain fit for {', '.join(unnormalised)}: their blocks are not stain-normalised")
     manifest = {"protocol": PROTOCOL, "source": lists.source, "counts": counts,
                 "listed": {"train": len(lists.train), "test_normal": len(lists.test_normal),
                            "test_tumor": len(lists.test_tumor)},
+                "stain_fit": stain, "not_stain_normalised": unnormalised,
                 "missing_slides": sorted(missing), "failed_slides": failed}
     write_text_atomic(out / "blocks.json", json.dumps(manifest, indent=2))
-    return out / "blocks", manifest
+    return blocks_dir, manifest
+
+
+def undefined_reason(manifest: dict) -> str | None:
+    """Why the protocol's tile AUC is undefined (no normal or no tumour test block), or None."""
+    counts, listed = manifest["counts"], manifest["listed"]
+    if counts["test/tumor"] == 0:
+        return (f"undefined: no tumour test block ({listed['test_tumor']} listed; a tumour block must be a whole "
+                f"{BLOCK_PX} px block of the slide's {BLOCK_PX} px grid inside a lesion, so lesions below about "
+                f"{2 * BLOCK_PX * 0.243 / 1000:.1f} mm across rarely give one: use larger lesions or slides)")
+    if counts["test/good"] == 0:
+        return f"undefined: no normal test block ({listed['test_normal']} listed)"
+    return None
 
 
 def run_dpa_paper(layout, run: str | Path, config: Config, *, seeds: int = 1, device: str = "auto",
@@ -217,6 +234,12 @@ def run_dpa_paper(layout, run: str | Path, config: Config, *, seeds: int = 1, de
                                    "building block lists by the paper's rules ..."))
     lists = official_lists(split_dir) if split_dir else rule_lists(layout, echo=echo)
     folder, manifest = build_block_folder(layout, lists, run, echo=echo)
+    undefined = undefined_reason(manifest)
+    if undefined:
+        echo(f"    dpa-paper tile AUC {undefined}")
+        return {"protocol": PROTOCOL, "blocks": manifest, "runs": [], "summary": {}, "auc_mean": None,
+                "auc_std": None, "n_seeds": 0, "note": undefined,
+                "n_normal_tiles": manifest["counts"]["test/good"], "n_tumor_tiles": manifest["counts"]["test/tumor"]}
     # the 192 px blocks are at the model's magnification (10x): cropped, never resized again
     config = replace(config, data=replace(config.data, image_mpp=None))
     runs = _seeds("dpa-paper", config, _FolderData(folder), run / "runs", seeds, device,

@@ -18,6 +18,7 @@ from pipelines.cli import main
 from wsi_ad.annotations import Annotation, read_asap_xml, write_asap_xml
 from wsi_ad.config import Config
 from wsi_ad.errors import WsiAdError
+from wsi_ad.heatmap import heatmap_slide_score, load_heatmap
 from wsi_ad.metrics import tile_labels
 from wsi_ad.scoring import load_scores
 from wsi_ad.store import SlideStore
@@ -78,9 +79,12 @@ def test_camelyon16_protocol_on_a_synthetic_dataset_and_its_rerun(synth_dataset,
     # each reducer's slide AUC, from the stored tile scores
     tumour_score, normal_score = ({r["slide_id"]: r for r in report["slides"]}[sid] for sid in (
         next(s for s in slide_ids if labels[s.lower()] == "Tumor"), next(s for s in slide_ids if labels[s.lower()] == "Normal")))
-    top = {row["slide_id"]: load_scores(SlideStore.open(row["store"]), row["model_id"]).max() for row in report["slides"]}
+    heatmaps = {row["slide_id"]: load_heatmap(row["store"], row["model_id"]) for row in report["slides"]}
+    top = {sid: heatmap_slide_score(h.values, "max") for sid, h in heatmaps.items()}
     assert saved["slide_reducers"]["max"] == float(top[tumour_score["slide_id"]] > top[normal_score["slide_id"]])
     assert set(saved["slide_reducers"]) == {"max", "topk_mean", "percentile"} and saved["slide_rf"] is None
+    # the run's own reducer gives the run's slide AUC (same cells, same scores)
+    assert saved["slide_reducers"][report["slides"][0]["reducer"]] == saved["slide"]["overall"]["auc"]
 
     # evaluating the trained model again reuses every finished stage and gives the same numbers; with the random
     # forest it also scores the two training slides and classifies the test slides from their heatmaps
@@ -279,7 +283,7 @@ def test_dpa_paper_protocol_on_a_synthetic_dataset(paper_layout, tmp_path, share
 
     # the official lists name real Camelyon16 slides, none of which is in a synthetic dataset: a clear error
     if shared_data_if_present is not None:
-        with pytest.raises(WsiAdError, match="no training blocks could be made"):
+        with pytest.raises(WsiAdError, match="no training block could be made .* not the slide the list names"):
             run_camelyon16(data, tmp_path / "official", config=Config.from_dict(BRIEF),
                            protocol="dpa-paper", dpa_split=shared_data_if_present / "camelyon16" / "dpa_split",
                            workers=1, echo=lambda line: None)
@@ -301,3 +305,20 @@ def test_selection_space_keeps_only_the_magnifications_the_stores_hold(scored_se
     assert kept.params == {"magnification": ["10x"], "lr": [0.001, 0.0005]} and dropped == ["20x"]
     with pytest.raises(WsiAdError, match=r"magnifications \['20x'\] are in none of the stores"):
         _held_magnifications(SearchSpace.from_dict({"space": {"magnification": ["20x"]}}), stores)
+
+
+def test_dpa_paper_without_tumour_blocks_still_writes_every_other_metric(synth_dataset, tmp_path):
+    """On slides whose lesions hold no whole 768 px grid block (the session's small synthetic dataset), the dpa-paper
+    tile AUC is undefined with the reason, and the slide AUC, all-tiles tile AUC and FROC are measured and written
+    with a model trained on all tiles, as the all-tiles protocol does."""
+    run = tmp_path / "run"
+    results = run_camelyon16(synth_dataset.root, run, config=Config.from_dict(BRIEF), protocol="dpa-paper",
+                             workers=1, echo=lambda line: None)
+    paper = results["tile_dpa_paper"]
+    assert paper["auc_mean"] is None and paper["n_tumor_tiles"] == 0 and paper["n_normal_tiles"] > 0
+    assert "no tumour test block" in paper["note"] and "768 px grid" in paper["note"]
+    assert results["slide"]["overall"]["auc"] in (0.0, 1.0) and results["tile"]["auc"] is not None
+    table = (run / "results.md").read_text()
+    assert "| tile-level ROC AUC (dpa-paper protocol) | undefined |" in table
+    assert "- tile-level ROC AUC (dpa-paper protocol) undefined: no tumour test block" in table
+    assert Path(results["model"]) == run / "model.pt"

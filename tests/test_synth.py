@@ -346,3 +346,11 @@ def test_lymph_node_tumour_nuclei_are_larger_not_darker():
     n_radius, n_dark = _nucleus_stats(normal)
     assert t_radius >= 1.6 * n_radius, (t_radius, n_radius)
     assert t_dark <= n_dark, (t_dark, n_dark)
+
+
+def test_synth_cli_too_small_a_slide_is_one_line(tmp_path, capsys):
+    from pipelines.cli import main
+
+    assert main(["synth", str(tmp_path / "s"), "--size", "100", "--normal", "1", "--tumor", "0", "--test", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wsi-ad: error: synth: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1

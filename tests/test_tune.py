@@ -387,3 +387,22 @@ def test_anomalies_as_a_folder_of_tile_images_give_the_same_selection(search, se
     for index, aucs in from_images.items():
         assert aucs == pytest.approx(from_stores[index], abs=1e-6)
     assert document["best"]["index"] == search["result"].best["index"]
+
+
+def test_anomaly_images_bad_input_is_refused_up_front(setting, tmp_path, capsys):
+    """A missing --anomalies path, stores mixed with images, and an unreadable tile each give one clear line before
+    any candidate is trained (an unreadable tile used to fail every candidate)."""
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    from PIL import Image
+
+    Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(folder / "a.png")
+    (folder / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    common = [*map(str, setting["normals"]), "--out", str(tmp_path / "o")]
+    assert main(["tune", *common, "--anomalies", str(tmp_path / "nowhere")]) == 2
+    assert "--anomalies " + str(tmp_path / "nowhere") + ": no such file or folder" in capsys.readouterr().err
+    assert main(["tune", *common, "--anomalies", str(folder), str(setting["tumor_store"])]) == 2
+    assert "either slide stores (with --annotations) or tumour tile images, not both" in capsys.readouterr().err
+    assert main(["tune", *common, "--anomalies", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "b.png" in err and "cannot read image" in err and not (tmp_path / "o" / "runs").exists()

@@ -471,6 +471,13 @@ def anomaly_images(paths: Sequence[str | os.PathLike], image_mpp: float | None =
     if not files:
         raise TuneError(f"no PNG/JPEG anomaly tile in {', '.join(map(str, paths))}")
     picks = sorted(_sample(list(range(len(files))), max_tiles, np.random.default_rng([int(seed), 2])))
+    from wsi_ad.images import read_image
+
+    for i in picks:                         # one unreadable tile would fail every candidate later: say it now
+        try:
+            read_image(files[i])
+        except WsiAdError as exc:
+            raise TuneError(f"--anomalies: {exc}") from None
     summary = [{"images": [str(p) for p in paths], "tumor_tiles": len(files), "selected": len(picks),
                 "image_mpp": image_mpp, "note": "image files: the slide-disjoint guard cannot check them"}]
     return AnomalySelection(ImageTileSample([files[i] for i in picks], image_mpp), summary)
@@ -698,6 +705,11 @@ def tune(
     if selection not in SELECTIONS:
         raise TuneError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
     supervised = selection == "weakly-supervised"
+    for raw in anomaly_stores or ():
+        if not Path(raw).exists():
+            raise TuneError(f"--anomalies {raw}: no such file or folder")
+    if anomaly_stores and not _are_images(anomaly_stores) and any(_are_images([p]) for p in anomaly_stores):
+        raise TuneError("--anomalies: give either slide stores (with --annotations) or tumour tile images, not both")
     if supervised and anomaly_stores and _are_images(anomaly_stores):
         pass                                # tumour tiles as images: no annotations needed
     elif supervised and (not anomaly_stores or annotations_dir is None):
