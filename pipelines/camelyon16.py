@@ -135,14 +135,12 @@ def run_camelyon16(data: str | Path, run: str | Path, *, model: str | Path | Non
 
     paper = None
     if protocol == "dpa-paper":
-        from pipelines.dpa_protocol import build_block_folder, official_lists, rule_lists, run_dpa_paper, undefined_reason
+        from pipelines.dpa_protocol import make_blocks, run_dpa_paper, undefined_reason
 
         step = time.perf_counter()
         config = config or Config()
         if model is None and tune:
-            prepared = run_batch([layout.training_normal], run / "training_normal", BatchConfig(), echo=indent,
-                                 **cluster)
-            normal_stores = [Path(r["store"]) for r in prepared.results if r["status"] == "ok" and r.get("n_tiles")]
+            normal_stores = _normal_training_stores(layout, run, cluster, echo)
             config, selection = _select(layout, run, normal_stores, config, tune_space, tune_slides, cluster, echo,
                                         tune_selection, tune_tiles)
         if model is None:
@@ -153,8 +151,7 @@ def run_camelyon16(data: str | Path, run: str | Path, *, model: str | Path | Non
         else:                               # evaluate the given model on the protocol's blocks
             from pipelines.compare import _FolderData
 
-            lists = official_lists(dpa_split) if dpa_split else rule_lists(layout, echo=echo)
-            folder, manifest = build_block_folder(layout, lists, run / "dpa_paper", echo=echo)
+            folder, manifest = make_blocks(layout, run / "dpa_paper", dpa_split, echo)
             paper = {"protocol": manifest["protocol"], "blocks": manifest, "runs": [], "auc_mean": None,
                      "auc_std": None, "n_seeds": 0, "note": undefined_reason(manifest),
                      "n_normal_tiles": manifest["counts"]["test/good"], "n_tumor_tiles": manifest["counts"]["test/tumor"]}
@@ -164,12 +161,7 @@ def run_camelyon16(data: str | Path, run: str | Path, *, model: str | Path | Non
         timings["dpa_paper"] = time.perf_counter() - step
     if model is None:
         step = time.perf_counter()
-        echo("Preprocessing the normal training slides ...")
-        prepared = run_batch([layout.training_normal], run / "training_normal", BatchConfig(), echo=indent, **cluster)
-        normal_stores = [Path(r["store"]) for r in prepared.results if r["status"] == "ok" and r.get("n_tiles")]
-        if not normal_stores:
-            raise WsiAdError(f"no normal training slide gave tiles ({prepared.n_failed} failed); see "
-                             f"{prepared.report_html}")
+        normal_stores = _normal_training_stores(layout, run, cluster, echo)
         timings["preprocess_training"] = time.perf_counter() - step
         config = config or Config()
         if tune:
@@ -238,6 +230,18 @@ def run_camelyon16(data: str | Path, run: str | Path, *, model: str | Path | Non
     echo(table)
     echo(f"\nResults: {run / 'results.json'}, {run / 'results.md'}" + (f"; report: {report}" if report else ""))
     return results
+
+
+def _normal_training_stores(layout: Camelyon16Layout, run: Path, cluster: dict, echo) -> list[Path]:
+    """Preprocess the normal training slides into ``run/training_normal`` (a re-run reuses them); their stores with
+    tiles. Raises ``WsiAdError`` when none gave tiles."""
+    echo("Preprocessing the normal training slides ...")
+    prepared = run_batch([layout.training_normal], run / "training_normal", BatchConfig(),
+                         echo=lambda line: echo("    " + line), **cluster)
+    stores = [Path(r["store"]) for r in prepared.results if r["status"] == "ok" and r.get("n_tiles")]
+    if not stores:
+        raise WsiAdError(f"no normal training slide gave tiles ({prepared.n_failed} failed); see {prepared.report_html}")
+    return stores
 
 
 #: ``--protocol``: how the tile AUC is measured (the slide AUC and FROC are measured on whole slides in both).

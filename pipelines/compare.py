@@ -268,16 +268,13 @@ def open_data(root: str | Path, out: Path, echo, workers: int | None = None, pro
     made once in ``OUT/dpa_paper``: every row trains on the training blocks and is scored on the test blocks."""
     if protocol == "dpa-paper":
         from pipelines.camelyon16 import Camelyon16Layout
-        from pipelines.dpa_protocol import build_block_folder, official_lists, rule_lists, undefined_reason
+        from pipelines.dpa_protocol import make_blocks, undefined_reason
 
         if data_kind(root) == "tiles":
             raise CompareError("--protocol dpa-paper needs a Camelyon16-like folder of slides, not a tile folder")
         layout = Camelyon16Layout(Path(root))
         layout.check(training=True)
-        echo("dpa-paper protocol: " + ("reading the official block lists ..." if dpa_split else
-                                       "building block lists by the paper's rules ..."))
-        lists = official_lists(dpa_split) if dpa_split else rule_lists(layout, echo=echo)
-        folder, manifest = build_block_folder(layout, lists, out / "dpa_paper", echo=echo)
+        folder, manifest = make_blocks(layout, out / "dpa_paper", dpa_split, echo)
         undefined = undefined_reason(manifest)
         if undefined:
             raise CompareError(f"--protocol dpa-paper: the tile AUC is {undefined}")

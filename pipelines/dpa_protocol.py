@@ -220,6 +220,15 @@ def undefined_reason(manifest: dict) -> str | None:
     return None
 
 
+def make_blocks(layout, out: str | Path, split_dir: str | Path | None = None, echo=print) -> tuple[Path, dict]:
+    """The protocol's block folder of ``layout`` in ``out`` (:func:`build_block_folder`) from the official lists of
+    ``split_dir``, or from lists built by the paper's rules (:func:`rule_lists`) when it is None."""
+    echo("dpa-paper protocol: " + ("reading the official block lists ..." if split_dir else
+                                   "building block lists by the paper's rules ..."))
+    lists = official_lists(split_dir) if split_dir else rule_lists(layout, echo=echo)
+    return build_block_folder(layout, lists, out, echo=echo)
+
+
 def run_dpa_paper(layout, run: str | Path, config: Config, *, seeds: int = 1, device: str = "auto",
                   split_dir: str | Path | None = None, echo=print) -> dict:
     """The whole protocol (module docstring) into ``run``: blocks, ``seeds`` trainings of ``config`` (seed,
@@ -230,10 +239,7 @@ def run_dpa_paper(layout, run: str | Path, config: Config, *, seeds: int = 1, de
     if seeds < 1:
         raise WsiAdError(f"--seeds must be >= 1, got {seeds}")
     run = Path(run)
-    echo("dpa-paper protocol: " + ("reading the official block lists ..." if split_dir else
-                                   "building block lists by the paper's rules ..."))
-    lists = official_lists(split_dir) if split_dir else rule_lists(layout, echo=echo)
-    folder, manifest = build_block_folder(layout, lists, run, echo=echo)
+    folder, manifest = make_blocks(layout, run, split_dir, echo)
     undefined = undefined_reason(manifest)
     if undefined:
         echo(f"    dpa-paper tile AUC {undefined}")

@@ -708,11 +708,10 @@ def tune(
     for raw in anomaly_stores or ():
         if not Path(raw).exists():
             raise TuneError(f"--anomalies {raw}: no such file or folder")
-    if anomaly_stores and not _are_images(anomaly_stores) and any(_are_images([p]) for p in anomaly_stores):
+    as_images = bool(anomaly_stores) and _are_images(anomaly_stores)    # tumour tiles as images: no annotations
+    if anomaly_stores and not as_images and any(_are_images([p]) for p in anomaly_stores):
         raise TuneError("--anomalies: give either slide stores (with --annotations) or tumour tile images, not both")
-    if supervised and anomaly_stores and _are_images(anomaly_stores):
-        pass                                # tumour tiles as images: no annotations needed
-    elif supervised and (not anomaly_stores or annotations_dir is None):
+    if supervised and not as_images and (not anomaly_stores or annotations_dir is None):
         raise TuneError("weakly-supervised selection needs anomaly stores and their annotations "
                         "(--anomalies, --annotations); --selection unsupervised needs neither")
     out = Path(out)
@@ -729,7 +728,7 @@ def tune(
         if value is not None and value < 1:
             raise TuneError(f"{name} must be >= 1, got {value}")
     normals = find_stores(normal_stores, "normal")
-    images = supervised and anomaly_stores is not None and _are_images(anomaly_stores)
+    images = supervised and as_images
     tumors = find_stores(anomaly_stores, "anomaly") if supervised and not images else []
     for store in normals + tumors:
         _tiles_group(store)  # every store must have been tiled
