@@ -13,7 +13,11 @@ Steps (each reuses what a previous run finished, in ``RUN``):
 
 1. without ``--model``: preprocess the normal training slides (``RUN/training_normal``); with ``--tune``,
    preprocess ``--tune-slides`` tumour training slides and select hyperparameters on their tumour tiles
-   (:mod:`wsi_ad.tuning`; never used for training); train on N tiles per normal slide → ``RUN/model.pt``;
+   (:mod:`wsi_ad.tuning`; never used for training); train on N tiles per normal slide → ``RUN/model.pt``.
+   With ``--protocol dpa-paper`` the model is trained (``--seeds`` times) on the paper's blocks instead
+   (:mod:`pipelines.dpa_protocol`, ``RUN/dpa_paper``), and ``--tune`` selects on blocks as the paper did: three
+   folds, the official ``cv_folds`` anomalies with ``--dpa-split`` (else ``--tune-slides`` tumour training slides
+   a fold drawn with the config's seed), the normal blocks split by slide;
 2. ``wsi-ad process`` on the test slides with the model (``RUN/testing``: stores, heatmaps, overlays with
    the lesion outlines, report);
 3. metrics (:mod:`wsi_ad.metrics`): slide-level ROC AUC with bootstrap CI and Macro/Micro splits; tile-level
@@ -103,7 +107,7 @@ def run_camelyon16(data: str | Path, run: str | Path, *, model: str | Path | Non
                    tune_slides: int = 2, tiles_per_slide: int | None = None, device: str = "auto",
                    workers: int | None = None, scheduler: str | None = None, slide_classifier: str | None = None,
                    protocol: str = "all-tiles", seeds: int = 1, dpa_split: str | Path | None = None,
-                   tune_selection: str = "weakly-supervised", tune_tiles: int | None = 64, echo=print) -> dict:
+                   tune_selection: str = "weakly-supervised", tune_tiles: int | None = None, echo=print) -> dict:
     """Run the protocol (module docstring); returns the results also written to ``RUN/results.json``.
 
     ``slide_classifier="rf"`` also scores the training slides (normal and tumour) with the model and classifies the
@@ -135,17 +139,20 @@ def run_camelyon16(data: str | Path, run: str | Path, *, model: str | Path | Non
 
     paper = None
     if protocol == "dpa-paper":
-        from pipelines.dpa_protocol import make_blocks, run_dpa_paper, undefined_reason
+        from pipelines.dpa_protocol import make_blocks, run_dpa_paper, select_on_blocks, undefined_reason
 
         step = time.perf_counter()
         config = config or Config()
-        if model is None and tune:
-            normal_stores = _normal_training_stores(layout, run, cluster, echo)
-            config, selection = _select(layout, run, normal_stores, config, tune_space, tune_slides, cluster, echo,
-                                        tune_selection, tune_tiles)
         if model is None:
+            blocks = make_blocks(layout, run / "dpa_paper", dpa_split, echo)
+            if tune:                        # on the blocks, as the paper selected (its cv_folds)
+                config, selection = select_on_blocks(layout, run / "dpa_paper", config, space=tune_space,
+                                                     split_dir=dpa_split, selection=tune_selection,
+                                                     slides_per_fold=tune_slides, max_anomaly_blocks=tune_tiles,
+                                                     device=device, blocks=blocks, echo=echo)
+                timings["tune"] = time.perf_counter() - step
             paper = run_dpa_paper(layout, run / "dpa_paper", config, seeds=seeds, device=device, split_dir=dpa_split,
-                                  echo=echo)
+                                  blocks=blocks, echo=echo)
             first = next((r["checkpoint"] for r in paper["runs"] if r.get("status") == "ok"), None)
             model = Path(first) if first else None  # no test block: the slide metrics get a model of all tiles
         else:                               # evaluate the given model on the protocol's blocks
@@ -164,10 +171,10 @@ def run_camelyon16(data: str | Path, run: str | Path, *, model: str | Path | Non
         normal_stores = _normal_training_stores(layout, run, cluster, echo)
         timings["preprocess_training"] = time.perf_counter() - step
         config = config or Config()
-        if tune:
+        if tune and selection is None:      # (dpa-paper selected on its blocks already)
             step = time.perf_counter()
             config, selection = _select(layout, run, normal_stores, config, tune_space, tune_slides, cluster, echo,
-                                        tune_selection, tune_tiles)
+                                        tune_selection, ALL_TILES_TUNE_TILES if tune_tiles is None else tune_tiles)
             timings["tune"] = time.perf_counter() - step
         if tiles_per_slide is not None:
             config = replace(config, data=replace(config.data, tiles_per_slide=tiles_per_slide))
@@ -243,6 +250,10 @@ def _normal_training_stores(layout: Camelyon16Layout, run: Path, cluster: dict, 
         raise WsiAdError(f"no normal training slide gave tiles ({prepared.n_failed} failed); see {prepared.report_html}")
     return stores
 
+
+#: ``--tune-tiles`` by default with the all-tiles protocol: validation tumour tiles in all (dpa-paper: every block of
+#: the fold's tumour slides, up to 50 a slide, as the official folds).
+ALL_TILES_TUNE_TILES = 64
 
 #: ``--protocol``: how the tile AUC is measured (the slide AUC and FROC are measured on whole slides in both).
 PROTOCOLS = ("all-tiles", "dpa-paper")
@@ -668,6 +679,18 @@ def results_table(results: dict) -> str:
                      + ", ".join(paper["blocks"]["not_stain_normalised"]))
     if notes:
         lines += ["", *notes]
+    selection = results.get("hyperparameter_selection") or {}
+    if selection.get("best"):
+        best = selection["best"]
+        criterion = (f"validation tile AUC {best['auc_mean']:.3f} ± {best['auc_std']:.3f}" if best.get("auc_mean")
+                     is not None else f"mean score of the held-out normal tiles {best['normal_score_mean']:.4g}")
+        where = ("on the dpa-paper blocks, " + str(len(selection.get("folds") or [])) + " folds split by normal slide"
+                 if selection.get("protocol") == "dpa-paper" else "on the tiles of the normal training slides, "
+                                                                  "3 folds by slide")
+        if selection.get("tumor_slides"):
+            where += ", anomalies from " + ", ".join(selection["tumor_slides"])
+        lines += ["", f"Hyperparameters: {selection['selection']} selection {where}: "
+                      f"{json.dumps(best['params'], default=str)} ({criterion}); {selection['best_config']}"]
     unexpected = slide_block.get("unexpected") or []
     if unexpected:
         lines += ["", f"Slides in testing/images but not in reference.csv (not evaluated): {', '.join(unexpected)}"]

@@ -24,8 +24,9 @@ Rows: each name of ``--detectors`` with its shipped config of the ``--configs`` 
 result is kept beside it (``result.json``) so that a re-run only does what is missing. A row that fails (bad
 config, missing weights, diverged training, ...) records the error in its row; the table goes on. With ``--tune``
 each row first selects its hyperparameters by the weakly-supervised protocol (:mod:`wsi_ad.tuning`, on tumour tiles
-of ``--tune-slides`` tumour training slides, never on the test slides) and the selected setting is a second
-column, as the paper's "default" and "WS" columns.
+of ``--tune-slides`` tumour training slides, never on the test slides; with ``--protocol dpa-paper``, on the
+blocks as the paper's ``cv_folds``, :func:`pipelines.dpa_protocol.select_on_blocks`) and the selected setting is a
+second column, as the paper's "default" and "WS" columns.
 
 Writes ``OUT/compare.json`` (everything, per seed), ``OUT/compare.md`` (the table: mean ± std over seeds, training
 time, scoring tiles/s, the published value beside each row that has one) and ``OUT/roc.png`` (tile ROC, one curve
@@ -247,6 +248,16 @@ class _FolderData(_Data):
         return np.concatenate(tiles)
 
 
+class _BlockData(_FolderData):
+    """The DPA paper's blocks of a Camelyon16-like folder (``--protocol dpa-paper``): a Folder dataset that also
+    knows its ``layout``, its ``blocks`` ((folder, manifest) of :func:`pipelines.dpa_protocol.make_blocks`) and the
+    official lists' folder ``split_dir`` (or None), for the selection on blocks."""
+
+    def __init__(self, layout, blocks: tuple[Path, dict], split_dir: str | Path | None):
+        super().__init__(blocks[0])
+        self.layout, self.blocks, self.split_dir = layout, blocks, split_dir
+
+
 def data_kind(root: str | Path) -> str:
     """``"tiles"`` (an anomalib Folder dataset) or ``"slides"`` (a Camelyon16-like folder); :class:`CompareError`
     for anything else."""
@@ -278,7 +289,7 @@ def open_data(root: str | Path, out: Path, echo, workers: int | None = None, pro
         undefined = undefined_reason(manifest)
         if undefined:
             raise CompareError(f"--protocol dpa-paper: the tile AUC is {undefined}")
-        return _FolderData(folder)
+        return _BlockData(layout, (folder, manifest), dpa_split)
     if dpa_split is not None:
         raise CompareError("--dpa-split belongs to --protocol dpa-paper")
     if data_kind(root) == "tiles":
@@ -428,10 +439,12 @@ def plot_rocs(path: Path, report: dict) -> Path | None:
 # -- the run ------------------------------------------------------------------------------------------------------
 
 def compare(data: str | Path, out: str | Path, rows: dict[str, Path], *, seeds: int = 3, tune: bool = False,
-            tune_slides: int = 2, device: str = "auto", workers: int | None = None, image_mpp: float | None = None,
-            protocol: str = "all-tiles", dpa_split: str | Path | None = None, echo=print) -> dict:
+            tune_slides: int = 2, tune_space: str | Path | None = None, device: str = "auto",
+            workers: int | None = None, image_mpp: float | None = None, protocol: str = "all-tiles",
+            dpa_split: str | Path | None = None, echo=print) -> dict:
     """Run the comparison (module docstring); returns the report also written to ``OUT/compare.json``.
-    ``image_mpp``: µm/px of tile images (``data.image_mpp`` of every row; tile folders only)."""
+    ``image_mpp``: µm/px of tile images (``data.image_mpp`` of every row; tile folders only); ``tune_space``: the
+    search space of ``--tune`` (default: each detector's own)."""
     if seeds < 1:
         raise CompareError(f"--seeds must be >= 1, got {seeds}")
     out = Path(out)
@@ -448,7 +461,7 @@ def compare(data: str | Path, out: str | Path, rows: dict[str, Path], *, seeds: 
     if protocol == "dpa-paper" and image_mpp is not None:
         raise CompareError("--image-mpp does not apply to --protocol dpa-paper (its 192 px blocks are at 10x)")
     dataset = open_data(data, out, echo, workers, protocol=protocol, dpa_split=dpa_split)
-    if tune and dataset.kind != "slides":
+    if tune and dataset.kind != "slides" and not isinstance(dataset, _BlockData):
         raise CompareError("--tune needs a Camelyon16-like folder of slides (tumour training slides with lesion "
                            "annotations give the validation anomalies)")
     report = {"data": {"path": str(data), "kind": dataset.kind, "train": [str(p) for p in dataset.train_paths],
@@ -479,7 +492,7 @@ def compare(data: str | Path, out: str | Path, rows: dict[str, Path], *, seeds: 
         row["summary"] = summarize(row["runs"])
         save()
         if tune:
-            row["tuned"] = _tuned(name, base, dataset, out, seeds, tune_slides, device, workers, echo)
+            row["tuned"] = _tuned(name, base, dataset, out, seeds, tune_slides, tune_space, device, workers, echo)
             save()
     curve = plot_rocs(out / "roc.png", report)
     report["roc_png"] = str(curve) if curve else None
@@ -514,14 +527,22 @@ def _seeds(name: str, base: Config, dataset: _Data, runs_dir: Path, seeds: int, 
     return runs
 
 
-def _tuned(name: str, base: Config, dataset: _SlideData, out: Path, seeds: int, tune_slides: int, device: str,
-           workers: int | None, echo) -> dict:
-    """The row's weakly-supervised column: select on tumour training tiles, then train the winner with the seeds."""
+def _tuned(name: str, base: Config, dataset: _SlideData | _BlockData, out: Path, seeds: int, tune_slides: int,
+           tune_space, device: str, workers: int | None, echo) -> dict:
+    """The row's weakly-supervised column: select on tumour training tiles (the dpa-paper protocol: on the blocks,
+    :func:`pipelines.dpa_protocol.select_on_blocks`), then train the winner with the seeds."""
     from pipelines.camelyon16 import _select
+    from pipelines.dpa_protocol import select_on_blocks
 
+    say = lambda line: echo(f"{name} tune: {line}")  # noqa: E731
     try:
-        config, selection = _select(dataset.layout, out / "tune" / name, dataset.train_paths, base, None, tune_slides,
-                                    {"workers": workers, "scheduler": None}, lambda line: echo(f"{name} tune: {line}"))
+        if isinstance(dataset, _BlockData):
+            config, selection = select_on_blocks(dataset.layout, out / "tune" / name, base, space=tune_space,
+                                                 split_dir=dataset.split_dir, slides_per_fold=tune_slides,
+                                                 device=device, blocks=dataset.blocks, echo=say)
+        else:
+            config, selection = _select(dataset.layout, out / "tune" / name, dataset.train_paths, base, tune_space,
+                                        tune_slides, {"workers": workers, "scheduler": None}, say)
     except Exception as exc:  # noqa: BLE001 - recorded in the row
         reason = str(exc) if isinstance(exc, WsiAdError) else f"{type(exc).__name__}: {exc}"
         echo(f"{name} tune: FAILED ({reason})")
@@ -552,7 +573,9 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tune", action="store_true",
                         help="also select each row's hyperparameters by the weakly-supervised protocol (tumour tiles "
                              "of --tune-slides tumour training slides) and report the selected setting beside it")
-    parser.add_argument("--tune-slides", type=int, default=2, help="tumour training slides used by --tune (default 2)")
+    parser.add_argument("--tune-slides", type=int, default=2,
+                        help="tumour training slides used by --tune; with --protocol dpa-paper, a fold (default 2)")
+    parser.add_argument("--tune-space", type=Path, help="search space YAML of --tune (default: each detector's own)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="training and scoring device")
     parser.add_argument("--workers", type=int, default=None, help="local Dask workers for the slide pipeline")
     parser.add_argument("--protocol", choices=("all-tiles", "dpa-paper"), default="all-tiles",
@@ -572,8 +595,8 @@ def run_compare(args: argparse.Namespace) -> int:
         detectors = ",".join(CONFIGS[args.configs])
     rows = parse_rows(detectors, args.configs, args.extra)
     report = compare(args.data, args.out, rows, seeds=args.seeds, tune=args.tune, tune_slides=args.tune_slides,
-                     device=args.device, workers=args.workers, image_mpp=args.image_mpp, protocol=args.protocol,
-                     dpa_split=args.dpa_split)
+                     tune_space=args.tune_space, device=args.device, workers=args.workers, image_mpp=args.image_mpp,
+                     protocol=args.protocol, dpa_split=args.dpa_split)
     if not any(r.get("status") == "ok" for row in report["rows"] for r in row["runs"]):
         print("wsi-ad: error: no row trained and scored (see the failures above)", file=sys.stderr)
         return 1

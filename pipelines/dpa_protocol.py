@@ -136,28 +136,19 @@ def _read_block(slide, block: Block, normalizer) -> np.ndarray:
     return np.asarray(Image.fromarray(region).resize((BLOCK_RESIZED_PX, BLOCK_RESIZED_PX), Image.BOX))
 
 
-def build_block_folder(layout, lists: BlockLists, out: str | Path, echo=print) -> tuple[Path, dict]:
-    """Extract every block of ``lists`` into ``out/blocks`` (an anomalib Folder of 192 px PNGs: ``train/good``,
-    ``test/good``, ``test/tumor``), each normalised as the pipeline normalises a slide's tiles: the slide's stain
-    fitted on its whole tissue (:func:`wsi_ad.stain.fit_slide_stain` on the Otsu mask) and mapped to the reference
-    stain at level 0, before the resize. Returns (``out/blocks``, the manifest also written to ``out/blocks.json``:
-    source, counts, each slide's stain-fit method, missing and failed slides). Finished files are kept by a re-run.
-    Raises ``WsiAdError`` when no training block could be made; a folder without normal or tumour test blocks is
-    returned as it is (the caller reports the tile AUC undefined).
-    """
+def _extract(groups: dict[Path, list[Block]], files: dict[str, Path], echo) -> tuple[dict, set, dict, dict]:
+    """Write every block of ``groups`` (folder -> blocks) as ``<folder>/<slide>_x<x>_y<y>.png`` (192 px,
+    :func:`_read_block`), each slide normalised by its stain fitted on its whole tissue; files already there are
+    kept. Returns (blocks written per folder, slides missing from ``files``, failed slides with the reason, each
+    slide's stain-fit method)."""
     from PIL import Image
 
-    from wsi_ad.slide import find_slides, open_slide, slide_id_of
+    from wsi_ad.slide import open_slide
     from wsi_ad.stain import DEFAULT_TARGET, StainNormalizer, fit_slide_stain
     from wsi_ad.tissue import mask_slide
 
-    out = Path(out)
-    blocks_dir = out / "blocks"
-    files = {slide_id_of(p).lower(): p for p in find_slides([layout.training_normal, layout.testing_images])}
-    groups = {("train", "good"): lists.train, ("test", "good"): lists.test_normal, ("test", "tumor"): lists.test_tumor}
     missing, failed, counts, stain = set(), {}, {}, {}
-    for (split, label), blocks in groups.items():
-        folder = blocks_dir / split / label
+    for folder, blocks in groups.items():
         folder.mkdir(parents=True, exist_ok=True)
         by_slide: dict[str, list[Block]] = {}
         for block in blocks:
@@ -167,7 +158,9 @@ def build_block_folder(layout, lists: BlockLists, out: str | Path, echo=print) -
             if sid not in files:
                 missing.add(sid)
                 continue
-            todo = [b for b in slide_blocks if not (folder / f"{sid}_x{b.x}_y{b.y}.png").is_file()]
+            if sid in failed:
+                continue
+            todo = [b for b in slide_blocks if not (folder / block_file_name(b)).is_file()]
             try:
                 if todo:
                     with open_slide(files[sid]) as slide:
@@ -181,15 +174,51 @@ def build_block_folder(layout, lists: BlockLists, out: str | Path, echo=print) -
                         stain[sid] = fit.method
                         normalizer = StainNormalizer(fit, DEFAULT_TARGET)
                         for b in todo:
-                            target = folder / f"{sid}_x{b.x}_y{b.y}.png"
-                            tmp = target.with_name(target.stem + ".tmp.png")
+                            target = folder / block_file_name(b)
+                            tmp = target.with_name(f".{target.stem}.tmp.png")     # hidden: never read as a tile
                             Image.fromarray(_read_block(slide, b, normalizer)).save(tmp)
                             tmp.replace(target)
                 written += len(slide_blocks)
             except WsiAdError as exc:
                 failed[sid] = str(exc)
                 echo(f"    {sid}: FAILED ({exc})")
-        counts[f"{split}/{label}"] = written
+        counts[folder] = written
+    return counts, missing, failed, stain
+
+
+def block_file_name(block: Block) -> str:
+    """The PNG name of a block in the protocol's folders: ``<slide>_x<x>_y<y>.png`` (level-0 px)."""
+    return f"{block.slide}_x{block.x}_y{block.y}.png"
+
+
+def slide_of_file(path: Path) -> str:
+    """The slide id of a block PNG (:func:`block_file_name`)."""
+    return path.name.rsplit("_x", 1)[0]
+
+
+def _slide_files(layout) -> dict[str, Path]:
+    """Every slide file of the layout by lower-case slide id (training normal and tumour, testing)."""
+    from wsi_ad.slide import find_slides, slide_id_of
+
+    folders = [f for f in (layout.training_normal, layout.training_tumor, layout.testing_images) if f.is_dir()]
+    return {slide_id_of(p).lower(): p for p in find_slides(folders)}
+
+
+def build_block_folder(layout, lists: BlockLists, out: str | Path, echo=print) -> tuple[Path, dict]:
+    """Extract every block of ``lists`` into ``out/blocks`` (an anomalib Folder of 192 px PNGs: ``train/good``,
+    ``test/good``, ``test/tumor``), each normalised as the pipeline normalises a slide's tiles: the slide's stain
+    fitted on its whole tissue (:func:`wsi_ad.stain.fit_slide_stain` on the Otsu mask) and mapped to the reference
+    stain at level 0, before the resize. Returns (``out/blocks``, the manifest also written to ``out/blocks.json``:
+    source, counts, each slide's stain-fit method, missing and failed slides). Finished files are kept by a re-run.
+    Raises ``WsiAdError`` when no training block could be made; a folder without normal or tumour test blocks is
+    returned as it is (the caller reports the tile AUC undefined).
+    """
+    out = Path(out)
+    blocks_dir = out / "blocks"
+    groups = {"train/good": lists.train, "test/good": lists.test_normal, "test/tumor": lists.test_tumor}
+    written, missing, failed, stain = _extract({blocks_dir / k: v for k, v in groups.items()}, _slide_files(layout),
+                                               echo)
+    counts = {k: written[blocks_dir / k] for k in groups}
     if not counts["train/good"]:
         raise WsiAdError(f"dpa-paper protocol: no training block could be made ({len(lists.train)} listed; slides "
                          f"missing from the dataset: {len(missing)}; failed: {len(failed)}"
@@ -229,17 +258,198 @@ def make_blocks(layout, out: str | Path, split_dir: str | Path | None = None, ec
     return build_block_folder(layout, lists, out, echo=echo)
 
 
+#: The shape of the official selection folds (``cv_folds/K``): three folds, each validating on up to 50 blocks of each
+#: of two training tumour slides and on a fifth of the normal training blocks.
+SELECTION_FOLDS = 3
+SELECTION_SLIDES_PER_FOLD = 2
+NORMAL_GROUPS = 5
+
+
+def normal_slide_groups(slides, seed: int = 0, folds: int = SELECTION_FOLDS) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """(training slides, validation slides) of each selection fold, split by slide: the normal training slides,
+    shuffled with ``seed``, dealt into :data:`NORMAL_GROUPS` groups (fewer with fewer slides); fold k validates on
+    group k and trains on every other slide. This keeps the official folds' share (a fifth of the normal blocks
+    held out per fold) without their leak: the official folds split the blocks, not the slides, so every
+    validation block's slide is also trained on. Raises ``WsiAdError`` with fewer than two slides."""
+    slides = sorted(set(slides))
+    if len(slides) < 2:
+        raise WsiAdError(f"hyperparameter selection by slide needs at least 2 normal training slides with blocks, got "
+                         f"{len(slides)}")
+    order = np.random.default_rng([int(seed), 5]).permutation(len(slides))
+    groups = [sorted(slides[i] for i in part) for part in np.array_split(order, min(NORMAL_GROUPS, len(slides)))]
+    return [(tuple(s for s in slides if s not in groups[k]), tuple(groups[k])) for k in range(min(folds, len(groups)))]
+
+
+def rule_selection_anomalies(layout, seed: int = 0, slides_per_fold: int = SELECTION_SLIDES_PER_FOLD,
+                             folds: int = SELECTION_FOLDS, echo=print) -> list[list[Block]]:
+    """Each fold's validation anomalies by the official folds' rule, for data without the official lists:
+    ``slides_per_fold`` annotated tumour training slides drawn at random for each fold (seeded by ``seed`` and the
+    fold, so folds may share a slide, as the official ones do), and the blocks fully inside their lesions (up to 50
+    a slide, :func:`_tissue_blocks`). Raises ``WsiAdError`` when no tumour training slide has annotations."""
+    from wsi_ad.annotations import annotation_file, read_asap_xml
+    from wsi_ad.slide import find_slides, slide_id_of
+
+    if slides_per_fold < 1:
+        raise WsiAdError(f"--tune-slides must be >= 1, got {slides_per_fold}")
+    annotated = []
+    for path in find_slides([layout.training_tumor]):
+        xml = annotation_file(layout.training_annotations, slide_id_of(path))
+        if xml is None:
+            echo(f"    {slide_id_of(path)}: no lesion annotations, not a selection slide")
+        else:
+            annotated.append((path, xml))
+    if not annotated:
+        raise WsiAdError(f"weakly-supervised selection: no tumour training slide in {layout.training_tumor} has its "
+                         f"lesion annotations in {layout.training_annotations}")
+    cache: dict[str, list[Block]] = {}
+    chosen = []
+    for k in range(folds):
+        picked = np.random.default_rng([int(seed), 19, k]).choice(len(annotated), min(slides_per_fold, len(annotated)),
+                                                                   replace=False)
+        blocks = []
+        for i in sorted(picked):
+            path, xml = annotated[i]
+            sid = slide_id_of(path).lower()
+            if sid not in cache:
+                rng = np.random.default_rng([int(seed), *sid.encode()])
+                cache[sid] = [Block(sid, "tumor", x, y, (BLOCK_PX, BLOCK_PX))
+                              for x, y in _tissue_blocks(path, rng, read_asap_xml(xml))]
+            blocks += cache[sid]
+        chosen.append(blocks)
+    return chosen
+
+
+def _link_folder(folder: Path, files: list[Path]) -> Path:
+    """``folder`` holding a symbolic link to each of ``files`` (a fold's training blocks without copying them);
+    kept when it already links exactly those names, else rebuilt beside it and renamed into place."""
+    import shutil
+
+    wanted = sorted(f.name for f in files)
+    if folder.is_dir() and sorted(p.name for p in folder.iterdir()) == wanted:
+        return folder
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in files:
+        (tmp / f.name).symlink_to(f.resolve())
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
+
+
+def _block_pngs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.png") if not p.name.startswith("."))
+
+
+def select_on_blocks(layout, run: str | Path, config: Config, *, space=None, split_dir: str | Path | None = None,
+                     selection: str = "weakly-supervised", slides_per_fold: int = SELECTION_SLIDES_PER_FOLD,
+                     max_anomaly_blocks: int | None = None, device: str | None = None, blocks=None,
+                     echo=print) -> tuple[Config, dict]:
+    """Hyperparameter selection on the protocol's blocks, as the DPA paper ran it (its ``cv_folds``): for each of
+    three folds, every candidate of ``space`` (default: the detector's) trains on the 64 px crops of the fold's
+    normal training blocks and is scored on the centre crops of its held-out normal blocks and (weakly-supervised)
+    its validation anomalies; the best mean tile AUC over the folds wins (``unsupervised``: the lowest mean score
+    of the held-out normal blocks). :func:`wsi_ad.tuning.tune_image_folds` runs the search into ``run/tune``.
+
+    - Validation anomalies: the official folds' lists (``cv_folds/K/anomaly/test.txt`` of ``split_dir``: 50 blocks
+      of each of two training tumour slides), else :func:`rule_selection_anomalies` (``slides_per_fold`` tumour
+      training slides drawn with the config's seed); at most ``max_anomaly_blocks`` a fold (seeded; None: all).
+      They are extracted like every block, into ``selection/tumor`` beside the block folder.
+    - Normal blocks: the protocol's training blocks, split by slide (:func:`normal_slide_groups`), not by block as
+      the official folds are; each fold's training blocks are a folder of links, ``selection/folds/K/train``.
+
+    ``blocks``: the (folder, manifest) of :func:`make_blocks` when already made (else made in ``run``); the
+    search's outputs go to ``run/tune``. Returns (the winner's
+    :class:`Config`, the summary recorded in ``results.json``). Raises ``WsiAdError`` when a fold has no
+    validation anomaly block, :class:`wsi_ad.tuning.TuneError` when no candidate could be evaluated."""
+    from wsi_ad.tuning import ImageFold, ImageTileSample, load_space, tune_image_folds
+
+    run = Path(run)
+    folder, _ = blocks or make_blocks(layout, run, split_dir, echo)
+    material = Path(folder).parent / "selection"         # shared by every search on these blocks
+    seed = config.train.seed
+    supervised = selection == "weakly-supervised"
+    by_slide: dict[str, list[Path]] = {}
+    for f in _block_pngs(folder / "train" / "good"):
+        by_slide.setdefault(slide_of_file(f), []).append(f)
+    pairs = normal_slide_groups(by_slide, seed)
+    anomaly_files: list[list[Path]] = [[] for _ in pairs]
+    source = None
+    if supervised:
+        if split_dir:
+            from wsi_ad.dpa_split import read_dpa_split
+
+            lists = [fold["anomaly_val"] for fold in read_dpa_split(split_dir).folds]
+            source = f"the official folds' validation anomalies ({split_dir}/cv_folds)"
+        else:
+            lists = rule_selection_anomalies(layout, seed, slides_per_fold, len(pairs), echo)
+            source = (f"{slides_per_fold} tumour training slide(s) a fold drawn with seed {seed}, their blocks inside "
+                      "the lesions")
+        echo(f"dpa-paper selection: validation anomalies from {source} ...")
+        unique = list({(b.slide, b.x, b.y): b for blocks_k in lists for b in blocks_k}.values())
+        tumor_dir = material / "tumor"
+        _, missing, failed, _ = _extract({tumor_dir: unique}, _slide_files(layout), echo)
+        for k in range(len(pairs)):
+            files = [tumor_dir / block_file_name(b) for b in lists[k] if (tumor_dir / block_file_name(b)).is_file()]
+            if max_anomaly_blocks is not None and len(files) > max_anomaly_blocks:
+                keep = np.random.default_rng([int(seed), 23, k]).choice(len(files), max_anomaly_blocks, replace=False)
+                files = [files[i] for i in sorted(keep)]
+            if not files:
+                slides = sorted({b.slide for b in lists[k]})
+                raise WsiAdError(f"dpa-paper selection: fold {k} has no validation anomaly block (its tumour slides: "
+                                 f"{', '.join(slides) or 'none'}; missing from the dataset: "
+                                 f"{', '.join(sorted(missing & set(slides))) or 'none'}; failed: "
+                                 f"{', '.join(sorted(set(failed) & set(slides))) or 'none'}; a block must be a whole "
+                                 f"{BLOCK_PX} px grid block inside a lesion)")
+            anomaly_files[k] = files
+    folds = []
+    for k, (train_slides, validation_slides) in enumerate(pairs):
+        train_dir = _link_folder(material / "folds" / str(k) / "train",
+                                 [f for s in train_slides for f in by_slide[s]])
+        folds.append(ImageFold(
+            k, (train_dir,), ImageTileSample([f for s in validation_slides for f in by_slide[s]]),
+            ImageTileSample(anomaly_files[k]) if supervised else None, frozenset(train_slides),
+            frozenset(validation_slides), frozenset(slide_of_file(f) for f in anomaly_files[k])))
+    search = load_space(space, detector=config.detector)
+    dropped = search.params.get("magnification", [])
+    if dropped:                             # the blocks are at 10x by the protocol
+        from dataclasses import replace as _replace
+
+        search = _replace(search, params={k: v for k, v in search.params.items() if k != "magnification"})
+        echo(f"    the search space's magnification(s) {', '.join(dropped)} left out: the protocol's blocks are at 10x")
+    echo(f"Selecting hyperparameters on the blocks ({len(folds)} folds split by normal slide, "
+         + ("weakly-supervised" if supervised else "unsupervised") + ") ...")
+    settings = {"protocol": PROTOCOL, "anomalies": source, "normal_split": "by slide (normal_slide_groups)",
+                "seed": seed, "slides_per_fold": slides_per_fold if supervised and not split_dir else None,
+                "max_anomaly_blocks": max_anomaly_blocks}
+    outcome = tune_image_folds(folds, run / "tune", selection=selection, base_config=config, space=search,
+                               device=device, settings=settings, echo=lambda line: echo("    " + line))
+    summary = {"selection": selection, "protocol": "dpa-paper", "results": str(outcome.results_path),
+               "best_config": str(outcome.best_config_path), "best": outcome.best, "notes": outcome.notes,
+               "anomalies": source,
+               "tumor_slides": sorted({s for f in folds for s in f.anomaly_slides}),
+               "anomaly_tiles": sum(len(f.anomalies) for f in folds if f.anomalies is not None),
+               "folds": [{"fold": f.index, "train_slides": len(f.train_slides),
+                          "validation_slides": sorted(f.validation_slides), "normal_blocks": len(f.normals),
+                          "anomaly_slides": sorted(f.anomaly_slides),
+                          "anomaly_blocks": len(f.anomalies) if f.anomalies is not None else 0} for f in folds],
+               "magnifications_left_out": dropped}
+    return Config.from_yaml(outcome.best_config_path), summary
+
+
 def run_dpa_paper(layout, run: str | Path, config: Config, *, seeds: int = 1, device: str = "auto",
-                  split_dir: str | Path | None = None, echo=print) -> dict:
-    """The whole protocol (module docstring) into ``run``: blocks, ``seeds`` trainings of ``config`` (seed,
-    seed + 1, ...) and their tile AUCs. Returns ``{"protocol", "blocks", "runs", "summary", "auc_mean",
+                  split_dir: str | Path | None = None, blocks=None, echo=print) -> dict:
+    """The whole protocol (module docstring) into ``run``: blocks (``blocks``: the (folder, manifest) of
+    :func:`make_blocks` when already made), ``seeds`` trainings of ``config`` (seed, seed + 1, ...) and their tile
+    AUCs. Returns ``{"protocol", "blocks", "runs", "summary", "auc_mean",
     "auc_std", "n_seeds"}``; ``runs`` are :func:`pipelines.compare.run_one` records (``checkpoint`` the model)."""
     from pipelines.compare import _FolderData, _seeds, summarize
 
     if seeds < 1:
         raise WsiAdError(f"--seeds must be >= 1, got {seeds}")
     run = Path(run)
-    folder, manifest = make_blocks(layout, run, split_dir, echo)
+    folder, manifest = blocks or make_blocks(layout, run, split_dir, echo)
     undefined = undefined_reason(manifest)
     if undefined:
         echo(f"    dpa-paper tile AUC {undefined}")

@@ -41,14 +41,17 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                                                  "configs/demo_cpu.yaml for a CPU-sized run)")
     c16.add_argument("--tune", action="store_true", help="select hyperparameters on a few tumour training slides first")
     c16.add_argument("--tune-space", type=Path, help="search space YAML for --tune (default: configs/tune_space.yaml)")
-    c16.add_argument("--tune-slides", type=int, default=2, help="tumour training slides used by --tune (default: %(default)s)")
+    c16.add_argument("--tune-slides", type=int, default=2,
+                     help="tumour training slides used by --tune; with --protocol dpa-paper, a fold (three folds, as "
+                          "the paper's; the official folds' slides with --dpa-split) (default: %(default)s)")
     c16.add_argument("--tune-selection", choices=("weakly-supervised", "unsupervised"), default="weakly-supervised",
                      help="--tune criterion: the tile AUC of tumour tiles of --tune-slides tumour training slides "
                           "(drawn with the config's seed), or unsupervised: the lowest score of held-out normal tiles, "
                           "no tumour slide used (the DPA paper's two protocols) (default: %(default)s)")
-    c16.add_argument("--tune-tiles", type=int, default=64,
-                     help="--tune: at most N validation tumour tiles in all (default: %(default)s; the paper: about "
-                          "5 %% of the training tiles)")
+    c16.add_argument("--tune-tiles", type=int,
+                     help="--tune: at most N validation tumour tiles in all (default: 64); with --protocol dpa-paper, "
+                          "at most N validation tumour blocks a fold (default: all, up to 50 a slide, as the official "
+                          "folds' 100)")
     c16.add_argument("--tiles-per-slide", type=int, help="train on at most N random tiles per normal slide (default: all)")
     c16.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="scoring device")
     c16.add_argument("--protocol", choices=("all-tiles", "dpa-paper"), default="all-tiles",

@@ -92,16 +92,33 @@ def scored_setting(tmp_path_factory):
             "model": result.checkpoint, "stores_dir": root / "stores"}
 
 
+@pytest.fixture(scope="session")
+def training_tumor_slide(tmp_path_factory):
+    """A synthetic tumour slide (8192 px at 0.243 µm/px, one 0.8 mm lesion holding whole 768 px grid blocks) and
+    its ASAP XML: ``(slide path, xml path)``. Made once per session."""
+    from wsi_ad.annotations import write_asap_xml
+    from wsi_ad.synth import synthesize_slide
+
+    root = tmp_path_factory.mktemp("training_tumor")
+    slide = synthesize_slide(root / "tumor_104.tif", width_px=8192, seed=104, tumor=True, lesion_sizes_mm=[0.8])
+    write_asap_xml(root / "tumor_104.xml", slide.annotations)
+    return slide.path, root / "tumor_104.xml"
+
+
 @pytest.fixture
-def paper_layout(tmp_path, synth_dataset, scored_setting):
-    """A Camelyon16-like folder of symbolic links (``tmp_path/c16``): two normal training slides, one normal and one
-    tumour test slide (the scored setting's, whose 0.8 mm lesion holds whole 768 px grid blocks of the DPA
-    paper's protocol), ``reference.csv`` and the tumour slide's ASAP XML."""
+def paper_layout(tmp_path, synth_dataset, scored_setting, training_tumor_slide):
+    """A Camelyon16-like folder of symbolic links (``tmp_path/c16``): two normal training slides, one annotated
+    tumour training slide (:func:`training_tumor_slide`), one normal and one tumour test slide (the scored
+    setting's, whose 0.8 mm lesion holds whole 768 px grid blocks of the DPA paper's protocol), ``reference.csv``
+    and the tumour slides' ASAP XML."""
     data = tmp_path / "c16"
     normal = data / "training" / "normal"
     normal.mkdir(parents=True)
     (normal / "normal_001.tif").symlink_to(synth_dataset.root / "training" / "normal" / "normal_001.tif")
     (normal / "normal_101.tif").symlink_to(scored_setting["model"].parent / "train" / "normal_101.tif")
+    for folder, source in (("tumor", training_tumor_slide[0]), ("lesion_annotations", training_tumor_slide[1])):
+        (data / "training" / folder).mkdir()
+        (data / "training" / folder / source.name).symlink_to(source)
     images, xmls = data / "testing" / "images", data / "testing" / "lesion_annotations"
     images.mkdir(parents=True)
     xmls.mkdir(parents=True)

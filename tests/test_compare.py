@@ -118,13 +118,18 @@ def test_compare_on_an_anomalib_folder_of_real_patches(shared_data, tmp_path):
 
 def test_compare_with_the_dpa_paper_protocol(paper_layout, tmp_path):
     """Issue 19: `compare --protocol dpa-paper` trains every row on the paper's training blocks of the slides and
-    scores the centre crops of its test blocks; the table names the protocol; a tile folder is refused."""
+    scores the centre crops of its test blocks; with --tune each row also selects on the blocks (the paper's
+    cv_folds, split by normal slide) and trains the winner; the table names the protocol; a tile folder is
+    refused."""
     import numpy as np
 
     data = paper_layout
     out = tmp_path / "cmp"
+    space = tmp_path / "space.yaml"
+    space.write_text("mode: grid\nspace:\n  latent_dim: [8, 4]\n")
     args = ["compare", "--data", str(data), "--out", str(out), "--seeds", "2", "--device", "cpu",
-            "--protocol", "dpa-paper", "--config", f"ae={_yaml(tmp_path / 'ae.yaml', AE)}"]
+            "--protocol", "dpa-paper", "--config", f"ae={_yaml(tmp_path / 'ae.yaml', AE)}", "--tune",
+            "--tune-space", str(space)]
     assert main(args) == 0
     report = json.loads((out / "compare.json").read_text())
     row = report["rows"][0]
@@ -134,6 +139,12 @@ def test_compare_with_the_dpa_paper_protocol(paper_layout, tmp_path):
     assert [r["n_normal_tiles"] for r in row["runs"]] == [blocks["counts"]["test/good"]] * 2
     assert row["summary"]["tile_auc"]["mean"] == pytest.approx(np.mean([r["tile_auc"] for r in row["runs"]]))
     assert "tile AUC (dpa-paper protocol)" in (out / "compare.md").read_text().split("\n")[0]
+    tuned = row["tuned"]
+    assert tuned["selection"]["protocol"] == "dpa-paper" and tuned["selection"]["tumor_slides"] == ["tumor_104"]
+    assert tuned["selection"]["best"]["params"]["latent_dim"] in (8, 4)
+    assert [r["status"] for r in tuned["runs"]] == ["ok", "ok"]
+    assert [r["n_tumor_tiles"] for r in tuned["runs"]] == [blocks["counts"]["test/tumor"]] * 2
+    assert "tile AUC (WS)" in (out / "compare.md").read_text().split("\n")[0]
     with pytest.raises(CompareError, match="needs a Camelyon16-like folder of slides"):
         from pipelines.compare import compare
 

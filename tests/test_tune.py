@@ -406,3 +406,32 @@ def test_anomaly_images_bad_input_is_refused_up_front(setting, tmp_path, capsys)
     assert main(["tune", *common, "--anomalies", str(folder)]) == 2
     err = capsys.readouterr().err
     assert "b.png" in err and "cannot read image" in err and not (tmp_path / "o" / "runs").exists()
+
+
+def test_image_folds_refuse_a_validation_slide_they_train_on(tmp_path):
+    """The leak guard of folds of image tiles (the dpa-paper blocks) compares the slide names the fold gives:
+    a normal or anomaly validation tile of a training slide is refused before any training, and so are a space
+    varying the magnification of tiles that have one and a weakly-supervised fold without anomalies."""
+    from PIL import Image
+
+    from wsi_ad.tuning import ImageFold, ImageTileSample, tune_image_folds
+
+    tile = tmp_path / "normal_001_x0_y0.png"
+    Image.fromarray(np.full((192, 192, 3), 200, np.uint8)).save(tile)
+    normals, anomalies = ImageTileSample([tile]), ImageTileSample([tile])
+    leaking = ImageFold(0, (tmp_path,), normals, anomalies, frozenset({"normal_001", "normal_002"}),
+                        frozenset({"normal_002"}), frozenset({"tumor_001"}))
+    with pytest.raises(FoldLeakError, match="fold 0: normal validation tiles from slide.s. normal_002"):
+        tune_image_folds([leaking], tmp_path / "t", echo=lambda line: None)
+    tumour_leak = ImageFold(0, (tmp_path,), normals, anomalies, frozenset({"normal_001"}), frozenset({"normal_002"}),
+                            frozenset({"normal_001"}))
+    with pytest.raises(FoldLeakError, match="anomaly tiles from slide.s. normal_001"):
+        evaluate_fold(Config.from_dict(TINY_BASE), tumour_leak, normals, anomalies, tmp_path / "runs")
+    fine = ImageFold(0, (tmp_path,), normals, None, frozenset({"normal_001"}), frozenset({"normal_002"}))
+    with pytest.raises(TuneError, match="needs anomaly tiles in every fold"):
+        tune_image_folds([fine], tmp_path / "t", echo=lambda line: None)
+    with pytest.raises(TuneError, match="cannot vary 'magnification'"):
+        tune_image_folds([fine], tmp_path / "t", selection="unsupervised",
+                         space=SearchSpace.from_dict({"space": {"magnification": ["10x", "20x"]}}),
+                         echo=lambda line: None)
+    assert not (tmp_path / "runs").exists()

@@ -67,7 +67,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -456,6 +456,40 @@ class ImageTileSample:
         return ImageFolderSource(self.files, size, scale).read(0, len(self.files), _CenterCrop())
 
 
+@dataclass(frozen=True)
+class ImageFold:
+    """A fold of image tiles laid out by the caller (the DPA paper's block folds, :mod:`pipelines.dpa_protocol`):
+    train on the PNG/JPEG tiles of ``train`` (files or folders), validate on ``normals`` and, for the
+    weakly-supervised criterion, ``anomalies``. Image files carry no slide id, so the fold names the slides each
+    part comes from (``train_slides``, ``validation_slides``, ``anomaly_slides``) and :meth:`check_disjoint`, the
+    leak guard of :func:`evaluate_fold`, compares those names."""
+
+    index: int
+    train: tuple[Path, ...]
+    normals: ImageTileSample
+    anomalies: ImageTileSample | None
+    train_slides: frozenset[str]
+    validation_slides: frozenset[str]
+    anomaly_slides: frozenset[str] = frozenset()
+
+    def check_disjoint(self) -> None:
+        """Raise :class:`FoldLeakError` when a validation tile (normal or anomaly) comes from a training slide, or
+        when the fold has no normal validation tile."""
+        if not len(self.normals):
+            raise FoldLeakError(f"fold {self.index}: the validation set is empty")
+        for what, slides in (("normal validation", self.validation_slides), ("anomaly", self.anomaly_slides)):
+            shared = sorted(self.train_slides & slides)
+            if shared:
+                raise FoldLeakError(f"fold {self.index}: {what} tiles from slide(s) {', '.join(shared[:5])} that the "
+                                    "fold trains on: validation tiles must come from slides never trained on")
+
+    def train_files(self) -> list[Path]:
+        """The training tiles' files, resolved (a folder of symbolic links names the files they point to)."""
+        from wsi_ad.scoring import find_image_tiles
+
+        return [p.resolve() for p in find_image_tiles(list(self.train))]
+
+
 def anomaly_images(paths: Sequence[str | os.PathLike], image_mpp: float | None = None, max_tiles: int | None = 64,
                    seed: int = 0) -> AnomalySelection:
     """Validation anomalies from image files or folders of them (searched recursively): a seeded sample of at
@@ -590,16 +624,18 @@ class TuneResult:
     best_config_path: Path | None
     candidates: list[dict]
     best: dict | None
-    folds: list[Fold]
+    folds: list[Fold] | list[ImageFold]
     notes: list[str] = field(default_factory=list)
 
 
-def evaluate_fold(config: Config, fold: Fold, normals: TileSample, anomalies: TileSample | None, run_dir: Path, *,
-                  device: str | None = None) -> dict:
+def evaluate_fold(config: Config, fold: Fold | ImageFold, normals: TileSample | ImageTileSample,
+                  anomalies: TileSample | ImageTileSample | None, run_dir: Path, *, device: str | None = None) -> dict:
     """Train ``config`` on ``fold.train`` (checkpoint under ``run_dir``, resumed when present) and score the
     held-out normals and the anomalies; returns the fold record (AUC, the held-out normals' mean score,
     seconds, counts). Without ``anomalies`` (unsupervised selection) the AUC is None. A finished fold
-    whose record matches (same config, slides and tile samples) is returned as it was, with ``reused``."""
+    whose record matches (same config, slides and tile samples) is returned as it was, with ``reused``.
+    ``fold`` is a :class:`Fold` of slide stores or an :class:`ImageFold` (its ``normals`` and ``anomalies`` are
+    the ones to pass). Raises :class:`FoldLeakError` when a validation tile comes from a training slide."""
     from sklearn.metrics import roc_auc_score
 
     from wsi_ad.detectors.loop import train
@@ -607,20 +643,30 @@ def evaluate_fold(config: Config, fold: Fold, normals: TileSample, anomalies: Ti
     from wsi_ad.device import select_device
 
     # The leak of the official DPA code: never validate on tiles of the training slides.
-    check_disjoint(fold.train, fold.validation)
-    check_disjoint(fold.train, normals.stores)
-    if anomalies is not None and not isinstance(anomalies, ImageTileSample):   # image files name no slide
-        check_disjoint(fold.train, anomalies.stores, what="anomaly")
-    outside = {p.resolve() for p in normals.stores} - {p.resolve() for p in fold.validation}
-    if outside:
-        raise FoldLeakError(f"normal validation tiles drawn from stores outside fold {fold.index}'s validation "
-                            f"stores: {sorted(map(str, outside))}")
+    if isinstance(fold, ImageFold):
+        fold.check_disjoint()
+        files = [str(p) for p in fold.train_files()]
+        train_id = [f"{len(files)} image files {_hash(files)}"]     # thousands of paths: their digest
+        validation_id = normals.key()
+        train_slides, validation_slides = sorted(fold.train_slides), sorted(fold.validation_slides)
+    else:
+        check_disjoint(fold.train, fold.validation)
+        check_disjoint(fold.train, normals.stores)
+        if anomalies is not None and not isinstance(anomalies, ImageTileSample):   # image files name no slide
+            check_disjoint(fold.train, anomalies.stores, what="anomaly")
+        outside = {p.resolve() for p in normals.stores} - {p.resolve() for p in fold.validation}
+        if outside:
+            raise FoldLeakError(f"normal validation tiles drawn from stores outside fold {fold.index}'s validation "
+                                f"stores: {sorted(map(str, outside))}")
+        train_id = [str(p.resolve()) for p in fold.train]
+        validation_id = [str(p.resolve()) for p in fold.validation]
+        train_slides = [_slide_id(p) for p in fold.train]
+        validation_slides = [_slide_id(p) for p in fold.validation]
     run_config = copy.deepcopy(config)
     if device is not None:
         run_config.train.device = device
-    train_key = _hash([str(p.resolve()) for p in fold.train])
-    key = {"candidate": candidate_id(config), "train": [str(p.resolve()) for p in fold.train],
-           "validation": [str(p.resolve()) for p in fold.validation], "normals": normals.key(),
+    train_key = _hash(train_id)
+    key = {"candidate": candidate_id(config), "train": train_id, "validation": validation_id, "normals": normals.key(),
            "anomalies": None if anomalies is None else anomalies.key()}
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = run_dir / f"fold{fold.index}-{train_key}.pt"
@@ -656,8 +702,7 @@ def evaluate_fold(config: Config, fold: Fold, normals: TileSample, anomalies: Ti
         "train_seconds": round(train_seconds, 2), "score_seconds": round(score_seconds, 2),
         "seconds": round(train_seconds + score_seconds, 2), "iterations": trained.iterations,
         "final_loss": trained.final_loss, "checkpoint": str(checkpoint),
-        "train_slides": [_slide_id(p) for p in fold.train], "validation_slides": [_slide_id(p) for p in fold.validation],
-        "key": key,
+        "train_slides": train_slides, "validation_slides": validation_slides, "key": key,
     }
     write_text_atomic(record_path, json.dumps(record, indent=2))
     return {**record, "reused": False}
@@ -757,8 +802,6 @@ def tune(
     results_path = out / RESULTS_NAME
     best_path = out / BEST_CONFIG_NAME
     out.mkdir(parents=True, exist_ok=True)
-    records: list[dict] = []
-    configs: dict[str, Config] = {}
     settings = {
         "selection": selection, "normal_stores": [str(p) for p in normals],
         "anomaly_stores": [str(p) for p in tumors], "annotations": None if annotations_dir is None else str(annotations_dir),
@@ -772,13 +815,90 @@ def tune(
                   "validation": [_slide_id(p) for p in f.validation], "normal_tiles": len(s)}
                  for f, s in zip(fold_list, normal_samples, strict=True)]
 
+    document = {"settings": settings, "notes": notes, "folds": fold_info,
+                "anomalies": None if anomalies is None else {"tiles": len(anomalies.sample),
+                                                             "stores": anomalies.summary}}
+    validation = [(f, n, anomalies.sample if supervised else None) for f, n in zip(fold_list, normal_samples,
+                                                                                   strict=True)]
+    records, best = _search(assignments, base_config, validation, out, document, supervised, selection, device, echo,
+                            lambda config: _has_magnification(normals + tumors, config.data.magnification,
+                                                              input_spec(config).tile_px))
+    return TuneResult(out, results_path, best_path, records, best, fold_list, notes)
+
+
+def tune_image_folds(
+    folds: Sequence[ImageFold],
+    out: str | os.PathLike,
+    *,
+    selection: str = "weakly-supervised",
+    base_config: Config | None = None,
+    space: SearchSpace | None = None,
+    max_candidates: int | None = None,
+    device: str | None = None,
+    settings: Mapping[str, Any] | None = None,
+    echo: Callable[[str], None] = print,
+) -> TuneResult:
+    """The search of :func:`tune` on folds of image tiles laid out by the caller (:class:`ImageFold`; the DPA
+    paper's block folds of :mod:`pipelines.dpa_protocol`), with the same outputs in ``out``
+    (``tune_results.json``, ``best_config.yaml``, resumable ``runs/``) and the same criteria (``selection``). The
+    tiles are at the model's magnification already: they are cropped, never resized (``data.image_mpp`` of the
+    candidates is set to None). ``settings``: what the caller records about the folds (written into
+    ``tune_results.json``). Raises :class:`FoldLeakError` when a fold validates on a slide it trains on,
+    :class:`TuneError` for bad input or when no candidate could be evaluated."""
+    if selection not in SELECTIONS:
+        raise TuneError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
+    supervised = selection == "weakly-supervised"
+    folds = list(folds)
+    if not folds:
+        raise TuneError("no fold to select on")
+    for fold in folds:
+        fold.check_disjoint()
+        if supervised and (fold.anomalies is None or not len(fold.anomalies)):
+            raise TuneError(f"fold {fold.index}: weakly-supervised selection needs anomaly tiles in every fold")
+    out = Path(out)
+    base_config = base_config or Config()
+    base_config = replace(base_config, data=replace(base_config.data, image_mpp=None))
+    base_config.validate()
+    space = space or load_space(detector=base_config.detector)
+    if "magnification" in space.params:
+        raise TuneError("the image folds are at one magnification: the search space cannot vary 'magnification'")
+    if device is not None:
+        from wsi_ad.device import select_device
+
+        select_device(device)
+    out.mkdir(parents=True, exist_ok=True)
+    fold_info = [{"fold": f.index, "train": sorted(f.train_slides), "validation": sorted(f.validation_slides),
+                  "anomaly_slides": sorted(f.anomaly_slides), "train_tiles": len(f.train_files()),
+                  "normal_tiles": len(f.normals), "anomaly_tiles": len(f.anomalies) if f.anomalies else 0}
+                 for f in folds]
+    echo(f"{len(folds)} folds of image tiles; " + ("weakly-supervised: tile AUC of the validation anomalies against "
+                                                   "the held-out normal tiles" if supervised else
+                                                   "unsupervised: the lowest mean score of held-out normal tiles wins"))
+    document = {"settings": {"selection": selection, "device": device,
+                             "max_candidates": max_candidates if max_candidates is not None else space.max_candidates,
+                             "space": space.to_dict(), "base_config": base_config.to_dict(), **(settings or {})},
+                "notes": [], "folds": fold_info, "anomalies": None}
+    validation = [(f, f.normals, f.anomalies if supervised else None) for f in folds]
+    records, best = _search(space.candidates(max_candidates, None), base_config, validation, out, document, supervised,
+                            selection, device, echo, lambda config: None)
+    return TuneResult(out, out / RESULTS_NAME, out / BEST_CONFIG_NAME, records, best, folds, [])
+
+
+def _search(assignments: list[dict[str, Any]], base_config: Config, validation: list[tuple], out: Path,
+            document: dict, supervised: bool, selection: str, device: str | None, echo: Callable[[str], None],
+            unusable: Callable[[Config], str | None]) -> tuple[list[dict], dict]:
+    """Every candidate of ``assignments`` on every (fold, normals, anomalies) of ``validation``
+    (:func:`evaluate_fold`), ``out/tune_results.json`` (``document`` with the candidates and the winner) saved
+    after each fold, the winner's ``out/best_config.yaml``; returns (the candidate records, the winner's summary).
+    ``unusable(config)``: why a candidate cannot run on these tiles (it is skipped), or None."""
+    results_path, best_path = out / RESULTS_NAME, out / BEST_CONFIG_NAME
+    records: list[dict] = []
+    configs: dict[str, Config] = {}
+
     def save(best: dict | None) -> None:
-        document = {"wsi_ad_version": __version__, "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "settings": settings, "notes": notes, "folds": fold_info,
-                    "anomalies": None if anomalies is None else {"tiles": len(anomalies.sample),
-                                                                 "stores": anomalies.summary},
-                    "candidates": records, "best": best}
-        write_text_atomic(results_path, json.dumps(document, indent=2, default=str))
+        write_text_atomic(results_path, json.dumps({"wsi_ad_version": __version__,
+                                                    "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **document,
+                                                    "candidates": records, "best": best}, indent=2, default=str))
 
     for number, params in enumerate(assignments):
         record: dict[str, Any] = {"index": number, "params": params, "status": "ok", "reason": None, "id": None,
@@ -800,7 +920,7 @@ def tune(
             echo(f"{label}: skipped ({record['reason']})")
             save(None)
             continue
-        reason = _has_magnification(normals + tumors, config.data.magnification, input_spec(config).tile_px)
+        reason = unusable(config)
         if reason:
             record.update(status="skipped", reason=reason)
             echo(f"{label}: skipped ({reason})")
@@ -810,15 +930,14 @@ def tune(
         run_dir = out / RUNS_DIR / cid
         write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         try:
-            for fold, normals_f in zip(fold_list, normal_samples, strict=True):
-                result = evaluate_fold(config, fold, normals_f, anomalies.sample if supervised else None, run_dir,
-                                       device=device)
+            for fold, normals_f, anomalies_f in validation:
+                result = evaluate_fold(config, fold, normals_f, anomalies_f, run_dir, device=device)
                 result.pop("key", None)
                 record["folds"].append(result)
                 record["seconds"] = round(sum(f["seconds"] for f in record["folds"]), 2)
                 value = (f"AUC {result['auc']:.3f}" if supervised
                          else f"mean normal score {result['normal_score_mean']:.4g}")
-                echo(f"{label} fold {fold.index + 1}/{len(fold_list)}: {value} "
+                echo(f"{label} fold {fold.index + 1}/{len(validation)}: {value} "
                      f"({result['seconds']:.1f} s{', reused' if result['reused'] else ''})")
                 save(None)
         except FoldLeakError:
@@ -847,9 +966,9 @@ def tune(
     best = {"index": winner["index"], "id": winner["id"], "params": winner["params"], "selection": selection,
             "auc_mean": winner["auc_mean"], "auc_std": winner["auc_std"],
             "normal_score_mean": winner["normal_score_mean"], "config": str(best_path)}
-    write_best_config(best_path, configs[winner["id"]], winner, len(fold_list), selection)
+    write_best_config(best_path, configs[winner["id"]], winner, len(validation), selection)
     save(best)
-    return TuneResult(out, results_path, best_path, records, best, fold_list, notes)
+    return records, best
 
 
 class _ConfigDumper(yaml.SafeDumper):
