@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.dpa_protocol import FEW_BLOCKS
 from pipelines.process import BatchConfig, discover, run_batch
 from wsi_ad.atomic import write_text_atomic
 from wsi_ad.config import Config
@@ -674,6 +675,9 @@ def results_table(results: dict) -> str:
              for metric in ("slide_auc", "tile_auc", "froc") if ours[metric] is None]
     if paper is not None and paper.get("note"):
         notes.append(f"- tile-level ROC AUC (dpa-paper protocol) undefined: {paper['note'].removeprefix('undefined: ')}")
+    if paper is not None and paper["auc_mean"] is not None and paper["n_tumor_tiles"] < FEW_BLOCKS:
+        notes.append(f"- the dpa-paper tile AUC rests on {paper['n_tumor_tiles']} tumour tile(s) (the paper's test set: "
+                     "817): read it as coarse")
     if paper is not None and paper["blocks"].get("not_stain_normalised"):
         notes.append("- dpa-paper blocks not stain-normalised (no stain fit): "
                      + ", ".join(paper["blocks"]["not_stain_normalised"]))

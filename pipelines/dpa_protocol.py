@@ -261,6 +261,8 @@ def make_blocks(layout, out: str | Path, split_dir: str | Path | None = None, ec
 #: The shape of the official selection folds (``cv_folds/K``): three folds, each validating on up to 50 blocks of each
 #: of two training tumour slides and on a fifth of the normal training blocks.
 SELECTION_FOLDS = 3
+#: Fewer tumour blocks than this in a selection fold or the test set: the run warns that its AUC is coarse.
+FEW_BLOCKS = 30
 SELECTION_SLIDES_PER_FOLD = 2
 NORMAL_GROUPS = 5
 
@@ -314,6 +316,8 @@ def rule_selection_anomalies(layout, seed: int = 0, slides_per_fold: int = SELEC
                 rng = np.random.default_rng([int(seed), *sid.encode()])
                 cache[sid] = [Block(sid, "tumor", x, y, (BLOCK_PX, BLOCK_PX))
                               for x, y in _tissue_blocks(path, rng, read_asap_xml(xml))]
+                if not cache[sid]:
+                    echo(f"    {sid}: no whole {BLOCK_PX} px grid block inside its lesions, no validation block")
             blocks += cache[sid]
         chosen.append(blocks)
     return chosen
@@ -403,6 +407,12 @@ def select_on_blocks(layout, run: str | Path, config: Config, *, space=None, spl
                                  f"{', '.join(sorted(set(failed) & set(slides))) or 'none'}; a block must be a whole "
                                  f"{BLOCK_PX} px grid block inside a lesion)")
             anomaly_files[k] = files
+            empty = sorted({b.slide for b in lists[k]} - {slide_of_file(f) for f in files})
+            echo(f"    fold {k}: {len(files)} validation tumour block(s) of "
+                 f"{', '.join(sorted({slide_of_file(f) for f in files}))}"
+                 + (f" ({', '.join(empty)}: none)" if empty else "")
+                 + (f"; warning: an AUC on fewer than {FEW_BLOCKS} tumour blocks is coarse (the official folds: "
+                    "100)" if len(files) < FEW_BLOCKS else ""))
     folds = []
     for k, (train_slides, validation_slides) in enumerate(pairs):
         train_dir = _link_folder(material / "folds" / str(k) / "train",

@@ -314,6 +314,7 @@ def test_dpa_paper_protocol_on_a_synthetic_dataset(paper_layout, tmp_path, share
         if not reducer.endswith("_note"):
             assert f"| slide AUC, reducer `{reducer}` |" in table
     assert "Hyperparameters: weakly-supervised selection on the dpa-paper blocks, 2 folds" in table
+    assert ("read it as coarse" in table) == (paper["n_tumor_tiles"] < 30)
     # the slide-level metrics come from the first seed's model, scoring the whole test slides
     assert Path(results["model"]) == Path(paper["checkpoints"][0]) and results["slide"]["overall"]["n_tumor"] == 1
 
