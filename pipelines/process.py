@@ -30,14 +30,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.tasks import (
+    SCORE_TASK_CHUNKS,
     aggregate_slide,
     cohort_scale_of,
     export_slide,
+    finish_scoring,
     geojson_threshold,
     new_result,
     overlay_slide,
+    plan_scoring,
     preprocess_slide,
-    score_slide,
+    score_range,
+    score_ranges,
 )
 from wsi_ad.atomic import write_text_atomic
 from wsi_ad.errors import WsiAdError
@@ -74,6 +78,11 @@ class BatchConfig:
         annotations_dir: folder of ``<slide_id>.xml`` ASAP annotations outlined on the overlays.
         labels: reference CSV (Camelyon16 ``reference.csv`` format) for the report's ROC curve and AUC.
         fail_fast: stop at the first failed slide.
+        score_task_chunks: a slide's tiles are scored in tasks of this many chunks
+            (:data:`pipelines.tasks.SCORE_TASK_CHUNKS`).
+        score_chunk_tiles: tiles per chunk of the stored scores, the unit of resume (None:
+            :data:`wsi_ad.scoring.SCORE_CHUNK_TILES`, 4,096).
+        pixel_maps: also store the per-feature-cell maps of every tile.
     """
 
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -89,6 +98,9 @@ class BatchConfig:
     annotations_dir: Path | None = None
     labels: Path | None = None
     fail_fast: bool = False
+    score_task_chunks: int = SCORE_TASK_CHUNKS
+    score_chunk_tiles: int | None = None
+    pixel_maps: bool = False
 
 
 def discover(paths: Iterable[str | Path]) -> list[Path]:
@@ -202,26 +214,41 @@ def _run_graph(client, info, slides: list[Path], out: Path, batch: BatchConfig, 
     task_of: dict[str, tuple[str, str]] = {}   # future key -> (slide id, task)
     submitted = []
 
-    def submit(func, *args, task: str, sid: str, resources=None, **kwargs):
-        future = client.submit(func, *args, key=f"{task}-{sid}-{run_id}", resources=resources, pure=False, **kwargs)
+    def submit(func, *args, task: str, sid: str, resources=None, part: str = "", **kwargs):
+        future = client.submit(func, *args, key=f"{task}-{sid}{part}-{run_id}", resources=resources, pure=False,
+                               **kwargs)
         task_of[future.key] = (sid, task)
         submitted.append(future)
         return future
+
+    scoring = {"device": batch.device, "backbone_weights": batch.backbone_weights}
+
+    def follow(sid: str, task: str, future, result: dict) -> list:
+        """After a slide's score plan: its score ranges (any scoring worker), the finish, the aggregate."""
+        if task != "score-plan":
+            return []
+        ranges = [submit(score_range, future, model, chunks, task="score-range", sid=sid, part=f"-{chunks[0]}",
+                         resources=info.score_resources, batch_size=batch.batch_size, **scoring)
+                  for chunks in score_ranges(result, batch.score_task_chunks)]
+        done = submit(finish_scoring, future, ranges, model, task="score", sid=sid, resources=info.score_resources,
+                      batch_size=batch.batch_size, **scoring)
+        chains[sid] = submit(aggregate_slide, done, task="aggregate", sid=sid, reducer=batch.reducer,
+                             smoothing_um=batch.smoothing_um)
+        return [*ranges, done, chains[sid]]
 
     for path in slides:
         sid = slide_id_of(path)
         future = submit(preprocess_slide, str(path), out.resolve(), batch.preprocess, task="preprocess",
                         sid=sid, mpp=batch.mpp)
-        if model is not None:
-            future = submit(score_slide, future, model, task="score", sid=sid, resources=info.score_resources,
-                            device=batch.device, batch_size=batch.batch_size, backbone_weights=batch.backbone_weights)
-            future = submit(aggregate_slide, future, task="aggregate", sid=sid, reducer=batch.reducer,
-                            smoothing_um=batch.smoothing_um)
+        if model is not None:       # the score ranges follow once the plan knows the slide's chunks (``follow``)
+            future = submit(plan_scoring, future, model, task="score-plan", sid=sid, resources=info.score_resources,
+                            chunk_tiles=batch.score_chunk_tiles, pixel_maps=batch.pixel_maps, **scoring)
         elif batch.exports:
             future = submit(export_slide, future, batch.exports, task="export", sid=sid, mpp=batch.mpp)
         chains[sid] = future
 
-    final = _watch(client, as_completed(submitted), task_of, chains, slides, batch, echo)
+    final = _watch(client, as_completed(submitted), task_of, chains, slides, batch, echo,
+                   follow if model is not None else None)
     results = [final[slide_id_of(path)] for path in slides]
     if model is not None and not (batch.fail_fast and any(r["status"] == "failed" for r in results)):
         try:
@@ -245,9 +272,15 @@ def _run_graph(client, info, slides: list[Path], out: Path, batch: BatchConfig, 
     return results
 
 
-def _watch(client, futures, task_of, chains, slides, batch: BatchConfig, echo) -> dict[str, dict]:
+#: Tasks without a progress line of their own (the scoring step's plan and ranges: its finish has one).
+QUIET_TASKS = frozenset({"score-plan", "score-range"})
+
+
+def _watch(client, futures, task_of, chains, slides, batch: BatchConfig, echo, follow=None) -> dict[str, dict]:
     """Follow tasks as they finish (progress lines); returns each slide's final result. A task that errs
-    (a worker died on the slide) fails its slide; with ``fail_fast`` the rest is cancelled."""
+    (a worker died on the slide) fails its slide; with ``fail_fast`` the rest is cancelled. ``follow(slide id,
+    task, future, result)``: the tasks to add once a task is done (they join ``futures``, an ``as_completed``);
+    it may move the slide's chain end (``chains``)."""
     finals: dict[str, dict] = {}
     n_slides = len(chains)
     slide_paths = {slide_id_of(p): p for p in slides}
@@ -265,9 +298,13 @@ def _watch(client, futures, task_of, chains, slides, batch: BatchConfig, echo) -
             result = future.result()
         if sid in finals:               # a later task of a slide that already failed: nothing new to say
             continue
+        if follow is not None and result["status"] == "ok":
+            for added in follow(sid, task, future, result):
+                futures.add(added)
         if chains[sid].key == future.key or result["status"] == "failed":
             finals[sid] = result
-        _say(echo, _progress_line(len(finals), n_slides, sid, task, result))
+        if task not in QUIET_TASKS or result["status"] == "failed":
+            _say(echo, _progress_line(len(finals), n_slides, sid, task, result))
         if result.get("traceback"):
             run_log.error("%s: %s", sid, result["traceback"])
         if result["status"] == "failed" and batch.fail_fast:
@@ -295,7 +332,9 @@ def _progress_line(done: int, total: int, sid: str, task: str, result: dict) -> 
         facts.extend(f"warning: {w}" for w in result.get("warnings", [])[:2])
     elif task == "score":
         if result.get("tiles_per_s"):
-            facts.append(f"{result['tiles_per_s']:.0f} tiles/s on {result.get('score_device')}")
+            tasks = result.get("score_tasks") or 1
+            facts.append(f"{result['tiles_per_s']:.0f} tiles/s on {result.get('score_device')}"
+                         + (f", {tasks} tasks on {result.get('score_worker')}" if tasks > 1 else ""))
         elif result.get("model_id"):
             facts.append("reused")
     elif task == "aggregate" and result.get("slide_score") is not None:

@@ -11,7 +11,8 @@ Words: a *task* is a node of the Dask graph (this module); a *stage* is a group 
 (``tissue``, ``tiles``, ``scores/<model_id>``, ...); a *phase* is a part of a detector's training schedule.
 
 Order: :func:`preprocess_slide` (open, tissue mask, stain fit, tiles + normalization) →
-:func:`score_slide` (every tile, on the GPU when the worker has one) → :func:`aggregate_slide` (heatmap grid
+:func:`plan_scoring`, :func:`score_range` tasks over contiguous tile ranges, :func:`finish_scoring` (every tile, on
+the GPU when the worker has one; one big slide spread over every scoring worker) → :func:`aggregate_slide` (heatmap grid
 and slide score) → :func:`overlay_slide` (heatmap over the thumbnail, on the cohort's colour scale) →
 :func:`export_slide` (the ``--export`` formats, beside the store).
 """
@@ -36,8 +37,10 @@ from wsi_ad.store import SlideStore
 log = logging.getLogger(__name__)
 
 
-def _task(name: str) -> Callable:
-    """Decorator: skip failed inputs, time the task, and turn any error into a failed result."""
+def _task(name: str, since: str | None = None) -> Callable:
+    """Decorator: skip failed inputs, time the task, and turn any error into a failed result. ``since``: a key of
+    the result holding a ``time.time()`` stamp; the task's timing is then the wall time since it (a step made of
+    several tasks, e.g. scoring: plan, ranges, finish)."""
 
     def wrap(func: Callable) -> Callable:
         @functools.wraps(func)
@@ -57,7 +60,10 @@ def _task(name: str) -> Callable:
             except Exception as exc:        # a bug, or a file that breaks a reader: this slide fails alone
                 _fail(result, name, f"unexpected {type(exc).__name__}: {exc}")
                 result["traceback"] = traceback.format_exc()
-            result["timings"][name] = round(time.perf_counter() - started, 3)
+            if since and result.get(since) is not None:
+                result["timings"][name] = round(time.time() - result[since], 3)
+            else:
+                result["timings"][name] = round(time.perf_counter() - started, 3)
             return result
         return run
     return wrap
@@ -128,25 +134,84 @@ def get_scorer(model: str | Path, device: str = "auto", backbone_weights: str | 
     return _cached_scorer(model, os.stat(model).st_mtime_ns, device, backbone_weights)
 
 
-@_task("score")
-def score_slide(result: dict, model: str | Path, *, device: str = "auto", batch_size: int | None = None,
-                backbone_weights: str | None = None) -> None:
-    """Score every tile of the slide's store with checkpoint ``model`` (stage ``scores/<model_id>``)."""
-    from wsi_ad.scoring import default_batch_size, run_score_stage
+#: A slide's tiles are scored in tasks of this many chunks of ``wsi_ad.scoring.SCORE_CHUNK_TILES`` (4,096) tiles,
+#: so one big slide spreads over every worker with the scoring resource (benchmarks/bench_pipeline.py).
+SCORE_TASK_CHUNKS = 1
 
+
+@_task("score-plan")
+def plan_scoring(result: dict, model: str | Path, *, device: str = "auto", backbone_weights: str | None = None,
+                 chunk_tiles: int | None = None, pixel_maps: bool = False) -> None:
+    """Open the slide's ``scores/<model_id>`` stage (:func:`wsi_ad.scoring.plan_score_stage`: reuse, resume or
+    create it; ``chunk_tiles`` per chunk, default :data:`wsi_ad.scoring.SCORE_CHUNK_TILES`; ``pixel_maps``: also
+    the per-cell maps) and put the plan in ``result["score_plan"]`` (None for a slide without tiles); the chunks it
+    leaves are scored by :func:`score_range` tasks, on any worker with the scoring resource, and
+    :func:`finish_scoring` marks the stage complete."""
+    from wsi_ad.scoring import SCORE_CHUNK_TILES, plan_score_stage
+
+    result["score_started"] = time.time()
     if not result.get("n_tiles"):
-        result["model_id"] = None
+        result.update(model_id=None, score_plan=None)
         return
     scorer = get_scorer(model, device, backbone_weights)
-    store = SlideStore.open(result["store"], mode="r+")
-    started = time.perf_counter()
-    scores, ran = run_score_stage(store, scorer, batch_size=batch_size or default_batch_size(scorer.device))
-    seconds = time.perf_counter() - started
-    result.update({"model_id": scorer.model_id, "score_device": str(scorer.device), "scored": ran,
-                   "score_worker": _worker_name(),
-                   "tiles_per_s": round(len(scores) / seconds, 1) if ran and seconds > 0 else None})
-    if ran:
-        result["stages_run"] = result.get("stages_run", []) + [f"scores/{scorer.model_id}"]
+    plan = plan_score_stage(SlideStore.open(result["store"], mode="r+"), scorer,
+                            chunk_tiles=chunk_tiles or SCORE_CHUNK_TILES, pixel_maps=pixel_maps)
+    result.update(model_id=scorer.model_id, score_plan=plan.to_dict())
+
+
+def score_ranges(result: dict, chunks_per_task: int = SCORE_TASK_CHUNKS) -> list[tuple[int, ...]]:
+    """The chunk runs of the slide's score plan, one :func:`score_range` task each (none: nothing to score)."""
+    from wsi_ad.scoring import ScorePlan
+
+    plan = result.get("score_plan")
+    if result.get("status") != "ok" or not plan:
+        return []
+    return ScorePlan.from_dict(plan).ranges(chunks_per_task)
+
+
+@_task("score-range")
+def score_range(result: dict, model: str | Path, chunks: tuple[int, ...], *, device: str = "auto",
+                batch_size: int | None = None, backbone_weights: str | None = None) -> None:
+    """Score ``chunks`` of the slide's score plan (:func:`wsi_ad.scoring.score_chunks`); their figures go to
+    ``result["range"]``."""
+    from wsi_ad.scoring import ScorePlan, default_batch_size, score_chunks
+
+    scorer = get_scorer(model, device, backbone_weights)
+    stats = score_chunks(SlideStore.open(result["store"], mode="r+"), scorer, ScorePlan.from_dict(result["score_plan"]),
+                         chunks, batch_size=batch_size or default_batch_size(scorer.device))
+    result["range"] = {**stats, "chunks": list(chunks), "worker": _worker_name()}
+
+
+@_task("score", since="score_started")
+def finish_scoring(result: dict, ranges: list[dict], model: str | Path, *, device: str = "auto",
+                   batch_size: int | None = None, backbone_weights: str | None = None) -> None:
+    """Once every :func:`score_range` of the slide is done: mark its scoring stage complete
+    (:func:`wsi_ad.scoring.complete_score_stage`) and record how it was scored (``tiles_per_s``: tiles scored over
+    the wall time from the plan to now, ``score_tasks``, ``score_worker``). A failed range fails the slide with
+    its error."""
+    from wsi_ad.scoring import ScorePlan, complete_score_stage, default_batch_size
+
+    failed = next((r for r in ranges if r.get("status") == "failed"), None)
+    if failed is not None:
+        result["traceback"] = failed.get("traceback")
+        raise WsiAdError(failed.get("error", "a scoring task failed"))
+    if not result.get("score_plan"):
+        return                                          # no tiles: no scores
+    plan = ScorePlan.from_dict(result["score_plan"])
+    scorer = get_scorer(model, device, backbone_weights)
+    if plan.complete:
+        result.update(scored=False, score_device=str(scorer.device), tiles_per_s=None, score_tasks=0)
+        return
+    batch = batch_size or default_batch_size(scorer.device)
+    seconds = time.time() - result["score_started"]
+    complete_score_stage(SlideStore.open(result["store"], mode="r+"), scorer, plan, [r["range"] for r in ranges],
+                         batch_size=batch, seconds=seconds)
+    tiles = sum(r["range"]["tiles"] for r in ranges)
+    workers = sorted({str(r["range"]["worker"]) for r in ranges if r["range"].get("worker") is not None})
+    result.update(scored=True, score_tasks=len(ranges), score_worker=", ".join(workers) or None,
+                  score_device=", ".join(sorted({r["range"]["device"] for r in ranges})),
+                  tiles_per_s=round(tiles / seconds, 1) if seconds > 0 else None)
+    result["stages_run"] = result.get("stages_run", []) + [plan.stage]
 
 
 def _worker_name() -> str | None:

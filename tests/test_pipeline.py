@@ -147,36 +147,79 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def test_process_runs_on_an_existing_cluster_started_as_separate_processes(scored_setting, tmp_path):
+    """Issue 20: a cluster started the way users start one (``dask scheduler`` and two ``dask worker`` processes on
+    loopback, one advertising ``--resources GPU=1``): every slide is done, scoring ran on the GPU worker only, and
+    the scores equal the model's scores of the same tiles in this process."""
     dask = str(Path(sys.executable).with_name("dask"))
     scheduler_file = tmp_path / "scheduler.json"
     scheduler = _start([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
                         "--scheduler-file", str(scheduler_file)], tmp_path / "scheduler.log")
-    worker = None
+    workers = []
     try:
         deadline = time.monotonic() + 60
         while not scheduler_file.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         address = json.loads(scheduler_file.read_text())["address"]
         assert address.startswith("tcp://127.0.0.1:")
-        worker = _start([dask, "worker", address, "--nworkers", "1", "--nthreads", "1", "--no-dashboard",
-                         "--host", "127.0.0.1"], tmp_path / "worker.log")
+        for name, extra in (("cpu-worker", []), ("gpu-worker", ["--resources", "GPU=1"])):
+            workers.append(_start([dask, "worker", address, "--nworkers", "1", "--nthreads", "1", "--no-dashboard",
+                                   "--host", "127.0.0.1", "--name", name, *extra], tmp_path / f"{name}.log"))
         from distributed import Client
 
         with Client(address, timeout="30s") as client:
-            client.wait_for_workers(1, timeout=60)
+            client.wait_for_workers(2, timeout=60)
         folder = tmp_path / "slides"
         folder.mkdir()
-        os.symlink(scored_setting["tumor"].path, folder / "tumor_103.tif")
+        for key in ("normal", "tumor"):
+            os.symlink(scored_setting[key].path, folder / scored_setting[key].path.name)
         status = main(["process", str(folder), "--out", str(tmp_path / "out"), "--model", str(scored_setting["model"]),
                        "--scheduler", address])
         assert status == 0
         report = json.loads((tmp_path / "out" / "report.json").read_text())
-        assert report["slides"][0]["status"] == "ok" and report["slides"][0]["slide_score"] is not None
+        assert [row["status"] for row in report["slides"]] == ["ok", "ok"]
+        assert all(row["slide_score"] is not None for row in report["slides"])
+        assert {row["score_worker"] for row in report["slides"]} == {"gpu-worker"}
         assert (tmp_path / "out" / "overlays" / "tumor_103.png").exists()
+        scorer = load_scorer(scored_setting["model"])
+        for name, key in (("normal_102", "normal_store"), ("tumor_103", "tumor_store")):
+            from wsi_ad.scoring import load_scores
+
+            store = SlideStore.open(tmp_path / "out" / f"{name}.zarr")
+            np.testing.assert_allclose(load_scores(store, scorer.model_id), score_store(scored_setting[key], scorer),
+                                       rtol=1e-5)
     finally:
-        for proc in (worker, scheduler):
-            if proc is not None:
-                _stop(proc)
+        for proc in (*workers, scheduler):
+            _stop(proc)
+
+
+def test_one_slide_is_scored_in_range_tasks_spread_over_the_workers(scored_setting, tmp_path):
+    """Issue 20: one slide's tiles are scored in tasks over contiguous chunk ranges, on every worker; the stage is
+    complete only with all of them, and its scores equal one in-process scoring of the same store (same batches,
+    so the same numbers)."""
+    from wsi_ad.scoring import load_scores, run_score_stage
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    os.symlink(scored_setting["tumor"].path, folder / "tumor_103.tif")
+    lines: list[str] = []
+    result = run_batch([folder], tmp_path / "out", BatchConfig(model=scored_setting["model"], batch_size=16,
+                                                               score_chunk_tiles=32), workers=2, echo=lines.append)
+    row = result.results[0]
+    assert row["status"] == "ok" and row["n_tiles"] > 5 * 32
+    assert row["score_tasks"] == -(-row["n_tiles"] // 32)
+    assert sorted(row["score_worker"].split(", ")) == sorted(str(i) for i in range(2))   # both local workers
+    store = SlideStore.open(row["store"])
+    marker = store.stages[f"scores/{row['model_id']}"]
+    assert marker["tasks"] == row["score_tasks"] and marker["n_tiles"] == row["n_tiles"]
+    assert any(f"tiles/s on cpu, {row['score_tasks']} tasks on" in line for line in lines)
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(row["store"], copy)
+    scorer = load_scorer(scored_setting["model"], device="cpu")
+    again = SlideStore.open(copy, mode="r+")
+    again.invalidate(f"scores/{row['model_id']}")
+    alone, computed = run_score_stage(again, scorer, batch_size=16, chunk_tiles=64)
+    assert computed                                    # another chunk size: scored afresh, in one task
+    np.testing.assert_array_equal(load_scores(store, row["model_id"]), alone)
 
 
 def _stage_done(store: Path, prefix: str) -> bool:

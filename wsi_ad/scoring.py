@@ -36,6 +36,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +100,8 @@ def _tile_array(store: SlideStore, scorer: Scorer) -> zarr.Array:
 def run_score_stage(store: SlideStore, scorer: Scorer, *, batch_size: int = 256, pixel_maps: bool = False,
                     progress: Progress | None = None, chunk_tiles: int = SCORE_CHUNK_TILES,
                     pin_memory: bool | None = None) -> tuple[np.ndarray, bool]:
-    """Score every tile of ``tiles/<scorer.magnification>`` into ``scores/<model_id>`` (resumable).
+    """Score every tile of ``tiles/<scorer.magnification>`` into ``scores/<model_id>`` (resumable), in this
+    process: :func:`plan_score_stage`, :func:`score_chunks` of every chunk to do, :func:`complete_score_stage`.
 
     Args:
         store: the slide's store, opened writable (``mode="r+"``), with a complete ``tiles`` stage whose
@@ -120,35 +122,114 @@ def run_score_stage(store: SlideStore, scorer: Scorer, *, batch_size: int = 256,
     """
     if batch_size < 1 or chunk_tiles < 1:
         raise ScoringError(f"batch_size and chunk_tiles must be >= 1, got {batch_size} and {chunk_tiles}")
+    started = time.perf_counter()
+    plan = plan_score_stage(store, scorer, chunk_tiles=chunk_tiles, pixel_maps=pixel_maps)
+    if plan.complete:
+        return load_scores(store, scorer.model_id), False
+    if progress is not None:
+        progress(plan.resumed_tiles, plan.n_tiles)
+    stats = score_chunks(store, scorer, plan, plan.todo, batch_size=batch_size, pin_memory=pin_memory,
+                         progress=None if progress is None else
+                         (lambda done: progress(plan.resumed_tiles + done, plan.n_tiles)))
+    return complete_score_stage(store, scorer, plan, [stats], batch_size=batch_size,
+                                seconds=time.perf_counter() - started), True
+
+
+@dataclass(frozen=True)
+class ScorePlan:
+    """The scoring stage of one store, opened for writing (:func:`plan_score_stage`): ``n_tiles``, ``chunk_tiles``
+    and ``n_chunks`` of ``scores``, the chunks still ``todo`` (chunk k holds tiles k * chunk_tiles ...), the
+    tiles kept from an interrupted run (``resumed_tiles``), the stage's ``resume_key`` (what every writer checks)
+    and ``digest`` (configuration hash); ``complete``: a finished stage of the same configuration is reused
+    (nothing to do). JSON-ready through :meth:`to_dict`, so a scheduler can hand it to other processes."""
+
+    stage: str
+    digest: str
+    resume_key: dict
+    n_tiles: int
+    chunk_tiles: int
+    n_chunks: int
+    todo: tuple[int, ...]
+    resumed_tiles: int
+    pixel_maps: bool
+    dtype: str
+    complete: bool = False
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "todo": list(self.todo)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ScorePlan:
+        return cls(**{**data, "todo": tuple(data["todo"])})
+
+    def ranges(self, chunks_per_range: int) -> list[tuple[int, ...]]:
+        """The chunks to do, in runs of at most ``chunks_per_range`` consecutive chunks (contiguous tile ranges)."""
+        runs: list[list[int]] = []
+        for k in self.todo:
+            if runs and runs[-1][-1] == k - 1 and len(runs[-1]) < chunks_per_range:
+                runs[-1].append(k)
+            else:
+                runs.append([k])
+        return [tuple(r) for r in runs]
+
+
+def plan_score_stage(store: SlideStore, scorer: Scorer, *, chunk_tiles: int = SCORE_CHUNK_TILES,
+                     pixel_maps: bool = False) -> ScorePlan:
+    """Open ``scores/<model_id>`` for writing: reuse a complete stage of the same configuration
+    (``complete=True``), resume an interrupted one of the same resume key, or create its arrays; returns which
+    chunks are left. Run it once per stage, before any :func:`score_chunks` of it (it withdraws the stage's
+    completion mark and removes the temporary files of a killed writer). Raises :class:`ScoringError` for tiles
+    the model cannot take, :class:`StoreError` for a read-only store."""
+    if chunk_tiles < 1:
+        raise ScoringError(f"chunk_tiles must be >= 1, got {chunk_tiles}")
     stage = score_stage_name(scorer.model_id)
     digest = score_config_hash(store, scorer)
-    if store.is_complete(stage, digest) and (not pixel_maps or store.stages[stage].get("pixel_maps")):
-        return load_scores(store, scorer.model_id), False
+    dtype = "bfloat16 autocast" if scorer.precision == "bf16" else "float32"
     array = _tile_array(store, scorer)
-    if store.root.read_only:
-        raise StoreError(f"{store.path}: opened read-only; open it with mode='r+' to write {stage}")
-    started = time.perf_counter()
     n = int(array.shape[0])
     n_chunks = -(-n // chunk_tiles)
-    dtype = "bfloat16 autocast" if scorer.precision == "bf16" else "float32"
     key = {"config_hash": digest, "chunk_tiles": chunk_tiles, "pixel_maps": bool(pixel_maps), "dtype": dtype,
            "n_tiles": n}
+    if store.is_complete(stage, digest) and (not pixel_maps or store.stages[stage].get("pixel_maps")):
+        return ScorePlan(stage, digest, key, n, chunk_tiles, n_chunks, (), n, bool(pixel_maps), dtype, complete=True)
+    if store.root.read_only:
+        raise StoreError(f"{store.path}: opened read-only; open it with mode='r+' to write {stage}")
     group, resumed = store.resumable_stage(stage, key)
-    if resumed and {"scores", "done"} <= set(group.keys()) and (not pixel_maps or "pixel_maps" in group):
-        scores_arr, done_arr = group["scores"], group["done"]
-        maps_arr = group["pixel_maps"] if pixel_maps else None
-    else:
-        scores_arr, done_arr, maps_arr = _create_arrays(store, group, scorer, n, n_chunks, chunk_tiles, pixel_maps,
-                                                        array)
-    done = np.asarray(done_arr[:], dtype=bool)
-    todo = [k for k in range(n_chunks) if not done[k]]
+    if not (resumed and {"scores", "done"} <= set(group.keys()) and (not pixel_maps or "pixel_maps" in group)):
+        _create_arrays(store, group, scorer, n, n_chunks, chunk_tiles, pixel_maps, array)
+    done = np.asarray(group["done"][:], dtype=bool)
+    todo = tuple(k for k in range(n_chunks) if not done[k])
     resumed_tiles = n - sum(min(chunk_tiles, n - k * chunk_tiles) for k in todo)
-    if progress is not None:
-        progress(resumed_tiles, n)
+    key = dict(group.attrs["resume_key"])              # as stored (JSON round trip): what writers compare
+    return ScorePlan(stage, digest, key, n, chunk_tiles, n_chunks, todo, resumed_tiles, bool(pixel_maps), dtype)
+
+
+def score_chunks(store: SlideStore, scorer: Scorer, plan: ScorePlan, chunks: Sequence[int], *, batch_size: int = 256,
+                 pin_memory: bool | None = None, progress: Callable[[int], None] | None = None) -> dict:
+    """Score the tiles of ``chunks`` (indices of ``plan``'s chunks) and write each chunk, then its done flag.
+    Several processes may score disjoint chunks of one stage at once: every chunk, and every flag, is its own
+    zarr chunk file, written with a temporary file and a rename. ``progress(tiles scored by this call)`` after
+    every batch. Returns {"tiles", "seconds", "data_wait_s", "compute_s", "device"}. Raises :class:`StoreError`
+    when the stage's resume key is no longer ``plan``'s (another run re-planned it)."""
+    if batch_size < 1:
+        raise ScoringError(f"batch_size must be >= 1, got {batch_size}")
+    started = time.perf_counter()
+    try:
+        group = zarr.open_group(store.path / plan.stage, mode="r+")
+        same = dict(group.attrs).get("resume_key") == plan.resume_key
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, KeyError):
+        same = False
+    if not same:
+        raise StoreError(f"{store.path}: {plan.stage} was re-planned by another run while this one scored it; "
+                         "score the slide again")
+    array = _tile_array(store, scorer)
+    n, chunk_tiles = plan.n_tiles, plan.chunk_tiles
+    scores_arr, done_arr = group["scores"], group["done"]
+    maps_arr = group["pixel_maps"] if plan.pixel_maps else None
     batches = [(k, b, min(b + batch_size, (k + 1) * chunk_tiles, n))
-               for k in todo for b in range(k * chunk_tiles, min((k + 1) * chunk_tiles, n), batch_size)]
+               for k in chunks for b in range(k * chunk_tiles, min((k + 1) * chunk_tiles, n), batch_size)]
     wait_s = compute_s = 0.0
-    scored = resumed_tiles
+    scored = 0
     pin = scorer.device.type == "cuda" if pin_memory is None else bool(pin_memory)
     chunk_scores: dict[int, np.ndarray] = {}
     chunk_maps: dict[int, np.ndarray] = {}
@@ -157,7 +238,7 @@ def run_score_stage(store: SlideStore, scorer: Scorer, *, batch_size: int = 256,
             t0 = time.perf_counter()
             tiles, release = prefetch.next()
             t1 = time.perf_counter()
-            score, pmap = scorer.score_batch(tiles, pixel_maps)
+            score, pmap = scorer.score_batch(tiles, plan.pixel_maps)
             score = score.cpu().numpy()                       # synchronizes: the pinned buffer is free again
             pmap = pmap.cpu().numpy() if pmap is not None else None
             release()
@@ -179,20 +260,36 @@ def run_score_stage(store: SlideStore, scorer: Scorer, *, batch_size: int = 256,
                     maps_arr[chunk_begin:end] = chunk_maps.pop(k)
                 done_arr[k] = True
             if progress is not None:
-                progress(scored, n)
-    seconds = time.perf_counter() - started
-    new_tiles = n - resumed_tiles
+                progress(scored)
+    return {"tiles": scored, "seconds": round(time.perf_counter() - started, 3), "data_wait_s": round(wait_s, 3),
+            "compute_s": round(compute_s, 3), "device": str(scorer.device)}
+
+
+def complete_score_stage(store: SlideStore, scorer: Scorer, plan: ScorePlan, stats: Sequence[dict], *,
+                         batch_size: int, seconds: float) -> np.ndarray:
+    """Mark ``plan``'s stage complete once every chunk's done flag is set, recording ``stats`` (the
+    :func:`score_chunks` records of this run, summed; ``tiles_per_s``: tiles scored by this run over ``seconds``,
+    its wall time); returns the (N,) float32 scores. Raises :class:`StoreError` naming the chunks still missing."""
+    group = zarr.open_group(store.path / plan.stage, mode="r+")
+    done = np.asarray(group["done"][:], dtype=bool)
+    if not done.all():
+        missing = np.flatnonzero(~done).tolist()
+        raise StoreError(f"{store.path}: {plan.stage}: chunk(s) {missing[:10]} of {plan.n_chunks} not scored")
+    new_tiles = int(sum(s["tiles"] for s in stats))
+    devices = sorted({s["device"] for s in stats}) or [str(scorer.device)]
     group.attrs.update({
         "model_id": scorer.model_id, "magnification": scorer.magnification, "checkpoint": scorer.checkpoint,
-        "units": scorer.units, "device": str(scorer.device), "dtype": dtype, "chunk_tiles": chunk_tiles,
-        "batch_size": batch_size, "n_tiles": n, "config_hash": digest,
+        "units": scorer.units, "device": ", ".join(devices), "dtype": plan.dtype, "chunk_tiles": plan.chunk_tiles,
+        "batch_size": batch_size, "n_tiles": plan.n_tiles, "config_hash": plan.digest,
         "tiles_config_hash": store.stages["tiles"]["config_hash"], "tile_order": "as tiles/coords",
     })
-    store.mark_complete(stage, digest, n_tiles=n, seconds=round(seconds, 3),
+    store.mark_complete(plan.stage, plan.digest, n_tiles=plan.n_tiles, seconds=round(seconds, 3),
                         tiles_per_s=round(new_tiles / seconds, 1) if seconds > 0 else None,
-                        device=str(scorer.device), dtype=dtype, pixel_maps=bool(pixel_maps), batch_size=batch_size,
-                        resumed_tiles=resumed_tiles, data_wait_s=round(wait_s, 3), compute_s=round(compute_s, 3))
-    return np.asarray(scores_arr[:], dtype=np.float32), True
+                        device=", ".join(devices), dtype=plan.dtype, pixel_maps=plan.pixel_maps,
+                        batch_size=batch_size, resumed_tiles=plan.resumed_tiles, tasks=len(stats),
+                        data_wait_s=round(sum(s["data_wait_s"] for s in stats), 3),
+                        compute_s=round(sum(s["compute_s"] for s in stats), 3))
+    return np.asarray(group["scores"][:], dtype=np.float32)
 
 
 def _create_arrays(store: SlideStore, group: zarr.Group, scorer: Scorer, n: int, n_chunks: int, chunk_tiles: int,
