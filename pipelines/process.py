@@ -37,6 +37,7 @@ from pipelines.tasks import (
     finish_scoring,
     geojson_threshold,
     new_result,
+    open_store,
     overlay_slide,
     plan_scoring,
     preprocess_slide,
@@ -83,6 +84,7 @@ class BatchConfig:
         score_chunk_tiles: tiles per chunk of the stored scores, the unit of resume (None:
             :data:`wsi_ad.scoring.SCORE_CHUNK_TILES`, 4,096).
         pixel_maps: also store the per-feature-cell maps of every tile.
+        overlays: draw each scored slide's overlay (``OUT/overlays``).
     """
 
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -101,6 +103,7 @@ class BatchConfig:
     score_task_chunks: int = SCORE_TASK_CHUNKS
     score_chunk_tiles: int | None = None
     pixel_maps: bool = False
+    overlays: bool = True
 
 
 def discover(paths: Iterable[str | Path]) -> list[Path]:
@@ -169,6 +172,37 @@ def run_batch(paths: Sequence[str | Path], out: str | Path, batch: BatchConfig, 
     ``scheduler``: address of an existing ``dask.distributed`` scheduler (default: a local cluster of
     ``workers`` processes with ``threads_per_worker`` threads, sized to the machine when not given).
     """
+    slides = discover(paths)
+    return _execute(slides, "slides", out, batch, scheduler=scheduler, workers=workers,
+                    threads_per_worker=threads_per_worker, echo=echo)
+
+
+def score_stores(stores: Sequence[str | Path], out: str | Path, batch: BatchConfig, *, scheduler: str | None = None,
+                 workers: int | None = None, threads_per_worker: int | None = None,
+                 echo: Callable[[str], None] = print) -> BatchResult:
+    """``wsi-ad score``: the scoring part of the chain (:func:`run_batch` without preprocessing) on slide stores
+    made earlier, on the same Dask graph: each store opened (:func:`pipelines.tasks.open_store`), scored in tile
+    ranges, aggregated; then the cohort colour scale, overlays (unless ``batch.overlays`` is off) and exports into
+    ``out``, with the same progress lines, report (``out/report.json``, ``report.html``, ``failures.json``) and
+    failure handling. ``batch.model`` is required. Raises ``WsiAdError`` for no store or two stores of one slide id."""
+    if batch.model is None:
+        raise WsiAdError("score_stores needs a model (BatchConfig.model)")
+    stores = [Path(p).absolute() for p in stores]
+    if not stores:
+        raise WsiAdError("no slide stores to score")
+    by_id: dict[str, list[Path]] = {}
+    for store in stores:
+        by_id.setdefault(normalize_slide_id(slide_id_of(store)), []).append(store)
+    clashes = ["; ".join(str(p) for p in group) for group in by_id.values() if len(group) > 1]
+    if clashes:
+        raise WsiAdError(f"stores of the same slide id: {' | '.join(clashes)}; score them into different --out folders")
+    return _execute(stores, "stores", out, batch, scheduler=scheduler, workers=workers,
+                    threads_per_worker=threads_per_worker, echo=echo)
+
+
+def _execute(items: list[Path], kind: str, out: str | Path, batch: BatchConfig, *, scheduler: str | None,
+             workers: int | None, threads_per_worker: int | None, echo: Callable[[str], None]) -> BatchResult:
+    """The graph over ``items`` (slide files, or ``kind="stores"``: slide stores), then the report."""
     import dask
     import distributed  # noqa: F401  (loads its config defaults first: the override below must not hide them)
 
@@ -177,7 +211,6 @@ def run_batch(paths: Sequence[str | Path], out: str | Path, batch: BatchConfig, 
 
     started = time.perf_counter()
     out = Path(out)
-    slides = discover(paths)
     out.mkdir(parents=True, exist_ok=True)
     if batch.model is not None and not Path(batch.model).is_file():
         raise WsiAdError(f"--model {batch.model}: checkpoint not found")
@@ -188,8 +221,8 @@ def run_batch(paths: Sequence[str | Path], out: str | Path, batch: BatchConfig, 
                         use_gpu=batch.device != "cpu") as (client, info):
             where = info.address if not info.local else f"local cluster, {info.n_workers} workers"
             gpu = f", {info.gpu_workers} GPU worker(s) for scoring" if info.gpu_workers else ""
-            _say(echo, f"{len(slides)} slides → {out} ({where}{gpu})")
-            results = _run_graph(client, info, slides, out, batch, echo)
+            _say(echo, f"{len(items)} {'stores' if kind == 'stores' else 'slides'} → {out} ({where}{gpu})")
+            results = _run_graph(client, info, items, out, batch, echo, kind)
         metrics = write_report(out, results, labels=batch.labels, model=batch.model,
                                seconds=time.perf_counter() - started)
     finally:
@@ -205,7 +238,8 @@ def run_batch(paths: Sequence[str | Path], out: str | Path, batch: BatchConfig, 
     return BatchResult(results, out / "report.json", out / "report.html", out / "failures.json", metrics, seconds)
 
 
-def _run_graph(client, info, slides: list[Path], out: Path, batch: BatchConfig, echo) -> list[dict]:
+def _run_graph(client, info, slides: list[Path], out: Path, batch: BatchConfig, echo, kind: str = "slides"
+               ) -> list[dict]:
     from distributed import as_completed
 
     run_id = uuid.uuid4().hex[:6]
@@ -238,8 +272,11 @@ def _run_graph(client, info, slides: list[Path], out: Path, batch: BatchConfig, 
 
     for path in slides:
         sid = slide_id_of(path)
-        future = submit(preprocess_slide, str(path), out.resolve(), batch.preprocess, task="preprocess",
-                        sid=sid, mpp=batch.mpp)
+        if kind == "stores":
+            future = submit(open_store, str(path), task="open", sid=sid)
+        else:
+            future = submit(preprocess_slide, str(path), out.resolve(), batch.preprocess, task="preprocess",
+                            sid=sid, mpp=batch.mpp)
         if model is not None:       # the score ranges follow once the plan knows the slide's chunks (``follow``)
             future = submit(plan_scoring, future, model, task="score-plan", sid=sid, resources=info.score_resources,
                             chunk_tiles=batch.score_chunk_tiles, pixel_maps=batch.pixel_maps, **scoring)
@@ -257,18 +294,25 @@ def _run_graph(client, info, slides: list[Path], out: Path, batch: BatchConfig, 
             scale = None
             _say(echo, f"no overlays: the cohort colour scale failed ({exc})")
         if scale is not None:
-            _say(echo, f"cohort colour scale: {scale.vmin:.4g} – {scale.vmax:.4g} ({len(results)} slides)")
+            scored = sum(1 for r in results if r["status"] == "ok" and r.get("model_id"))
+            _say(echo, f"cohort colour scale: {scale.vmin:.4g} – {scale.vmax:.4g} ({scored} scored slides)")
         last, first = {}, len(submitted)          # each slide's last task; the tasks of this second phase
         threshold = geojson_threshold(batch.geojson_threshold, scale)
-        for result in results:
-            sid = result["slide_id"]
-            last[sid] = submit(overlay_slide, result, scale, out.resolve(), task="overlay", sid=sid,
-                               annotations_dir=batch.annotations_dir, mpp=batch.mpp)
+        for path, result in zip(slides, results, strict=True):
+            sid = slide_id_of(path)
+            last[sid] = result
+            if result["status"] == "failed":     # reported once, where it failed
+                continue
+            if batch.overlays:
+                last[sid] = submit(overlay_slide, result, scale, out.resolve(), task="overlay", sid=sid,
+                                   annotations_dir=batch.annotations_dir, mpp=batch.mpp)
             if batch.exports:
                 last[sid] = submit(export_slide, last[sid], batch.exports, task="export", sid=sid,
                                    threshold=threshold, mpp=batch.mpp)
-        final = _watch(client, as_completed(submitted[first:]), task_of, last, slides, batch, echo)
-        results = [final[slide_id_of(path)] for path in slides]
+        if len(submitted) > first:
+            pending = {sid: f for sid, f in last.items() if not isinstance(f, dict)}
+            final = _watch(client, as_completed(submitted[first:]), task_of, pending, slides, batch, echo)
+            results = [final[sid] if sid in pending else last[sid] for sid in map(slide_id_of, slides)]
     return results
 
 
@@ -326,7 +370,9 @@ def _progress_line(done: int, total: int, sid: str, task: str, result: dict) -> 
     if result["status"] == "failed":
         return f"{head} FAILED at {result.get('failed_task')}: {result.get('error')}"
     facts = []
-    if task == "preprocess":
+    if task == "open":
+        facts.append(f"{result.get('n_tiles', 0)} tiles")
+    elif task == "preprocess":
         facts.append(f"{result.get('n_tiles', 0)} tiles, {result.get('tissue_area_mm2', 0):.2f} mm² tissue")
         facts.append("reused" if not result.get("stages_run") else "ran " + "+".join(result["stages_run"]))
         facts.extend(f"warning: {w}" for w in result.get("warnings", [])[:2])

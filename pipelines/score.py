@@ -1,16 +1,18 @@
 """``wsi-ad score``: score every tile of slide stores (or folders of image tiles) with a trained model.
 
-Argument parsing and reporting only; the work is :func:`wsi_ad.scoring.run_score_stage` (stores) and
-:func:`wsi_ad.scoring.score_image_folder` (``--tiles``). ``pipelines/cli.py`` wires them::
+Slide stores run through the same Dask graph as ``wsi-ad process --model`` (:func:`pipelines.process.score_stores`:
+a local cluster, or ``--scheduler``): each store opened, scored in tasks over tile ranges on the workers with
+the scoring resource, aggregated into its heatmap and slide score; then one colour scale for all of them,
+overlays (``OUT/overlays``, unless ``--no-overlays``) and the ``--export`` formats beside each store; the same
+progress lines, report (``OUT/report.json``, ``report.html``, ``failures.json``, ``wsi-ad.log``) and failure
+handling: a store that cannot be scored fails alone, with its reason, and the exit status is then 1. ``OUT`` is
+``--out``, by default the stores' folder. Scores already in a store for the same model and tiles are reused; a
+run interrupted part-way continues from its last finished chunk. ``--tiles`` scores folders of image tiles in this
+process (:func:`wsi_ad.scoring.score_image_folder`) into a CSV. ``pipelines/cli.py`` wires it::
 
     score = sub.add_parser("score", help=...)
     add_score_arguments(score)
     score.set_defaults(handler=run_score)
-
-Each store runs alone: a store that cannot be scored is reported on one line with its reason and the
-others go on; the exit status is then 1. ``--export geojson,ngff,h5`` writes the exports beside each store
-(:func:`wsi_ad.export.export_store`), as ``wsi-ad process`` does. Scores already in a store for the same model and tiles are
-reused; a run interrupted part-way continues from its last finished chunk.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_ad.errors import WsiAdError
-from wsi_ad.store import SlideStore, is_store_path, stores_in
+from wsi_ad.store import is_store_path, stores_in
 
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,9 +42,15 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone-weights", type=Path,
                         help="pretrained backbone weight file (default: the backbone's registered source)")
     parser.add_argument("--no-overlays", action="store_true",
-                        help="skip overlays, and heatmaps and slide scores unless --export needs them (default: "
-                             "written for every scored store, on one colour scale, as "
-                             "<stores folder>/overlays/<slide_id>.png)")
+                        help="skip the overlays (default: one per scored store, on one colour scale, as "
+                             "OUT/overlays/<slide_id>.png)")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="folder of the report (report.html, report.json, failures.json, wsi-ad.log) and the "
+                             "overlays (default: the stores' folder, when they share one)")
+    parser.add_argument("--scheduler", metavar="ADDRESS",
+                        help="run on an existing dask.distributed cluster (e.g. tcp://10.0.0.5:8786) instead of a "
+                             "local one; workers must see the same paths")
+    parser.add_argument("--workers", type=_positive, help="local cluster: worker processes (default: one per core)")
     parser.add_argument("--annotations", type=Path, metavar="DIR",
                         help="folder of <slide_id>.xml ASAP annotations to outline on the overlays")
     parser.add_argument("--tiles", action="store_true",
@@ -123,32 +131,37 @@ def _percentiles(scores: np.ndarray) -> str:
 
 def run_score(args: argparse.Namespace) -> int:
     """Run ``wsi-ad score``; returns 0 when every store (or the tile folder) was scored, 1 when some store
-    failed (each failure printed on one line). Raises :class:`WsiAdError` on bad arguments or an unusable
+    failed (each failure reported with its reason). Raises :class:`WsiAdError` on bad arguments or an unusable
     model, which the CLI prints as one line."""
-    from wsi_ad.detectors.scorer import load_scorer
+    from wsi_ad.detectors.checkpoint import load_checkpoint
 
     if args.tiles and args.csv is None:
         raise WsiAdError("--tiles needs --csv OUT.csv (where the tile scores go)")
     if not args.tiles and (args.csv is not None or args.image_mpp is not None):
         raise WsiAdError("--csv and --image-mpp apply to --tiles only")
+    if args.tiles and (args.out is not None or args.scheduler is not None or args.workers is not None):
+        raise WsiAdError("--out, --scheduler and --workers apply to slide stores, not to --tiles")
     args.exports = export_formats(args, scored=True)
     if args.tiles and args.exports:
         raise WsiAdError("--export applies to slide stores, not to --tiles")
-    device = None if args.device == "auto" else args.device
-    if device == "cuda":
+    if args.device == "cuda":
         from wsi_ad.device import select_device
 
         select_device("cuda")                          # one-line error when CUDA is absent
-    scorer = load_scorer(args.model, device=device, backbone_weights=args.backbone_weights)
-    if args.batch_size is None:
-        from wsi_ad.scoring import default_batch_size
-
-        args.batch_size = default_batch_size(scorer.device)
-    print(f"model {scorer.model_id} ({scorer.magnification}, {scorer.image_size} px, {scorer.units}) on {scorer.device} "
-          f"({scorer.precision})", file=sys.stderr)
     if args.tiles:
+        from wsi_ad.detectors.scorer import load_scorer
+
+        device = None if args.device == "auto" else args.device
+        scorer = load_scorer(args.model, device=device, backbone_weights=args.backbone_weights)
+        if args.batch_size is None:
+            from wsi_ad.scoring import default_batch_size
+
+            args.batch_size = default_batch_size(scorer.device)
+        print(f"model {scorer.model_id} ({scorer.magnification}, {scorer.image_size} px, {scorer.units}) on "
+              f"{scorer.device} ({scorer.precision})", file=sys.stderr)
         return _score_tiles(args, scorer)
-    return _score_stores(args, scorer)
+    load_checkpoint(args.model)                        # an unusable checkpoint is one line now, not one per store
+    return _score_stores(args)
 
 
 def _score_tiles(args: argparse.Namespace, scorer) -> int:
@@ -164,98 +177,32 @@ def _score_tiles(args: argparse.Namespace, scorer) -> int:
     return 0
 
 
-def _score_stores(args: argparse.Namespace, scorer) -> int:
-    from wsi_ad.scoring import run_score_stage, score_stage_name
+def _score_stores(args: argparse.Namespace) -> int:
+    from pipelines.process import BatchConfig, score_stores
 
     stores, bad = find_stores(args.paths)
-    failed = len(bad)
-    scored: list[dict] = []
     for path, reason in bad:
         print(f"{path}: failed: {reason}")
-    for path in stores:
-        started = time.perf_counter()
-        try:
-            store = SlideStore.open(path, mode="r+")
-            bar = _progress_bar(path.stem)
-            try:
-                scores, computed = run_score_stage(store, scorer, batch_size=args.batch_size,
-                                                   pixel_maps=args.pixel_maps, progress=bar)
-            finally:
-                if bar is not None:
-                    bar.close()
-        except WsiAdError as exc:
-            failed += 1
-            print(f"{path.stem}: failed: {exc}")
-            continue
-        except OSError as exc:                       # unreadable chunk, disk full, permission denied
-            failed += 1
-            print(f"{path.stem}: failed: {exc.filename or path}: {exc.strerror or exc}")
-            continue
-        seconds = time.perf_counter() - started
-        marker = store.stages.get(score_stage_name(scorer.model_id), {})
-        rate = marker.get("tiles_per_s")              # of the run that scored them (reused: an earlier one)
-        resumed = marker.get("resumed_tiles", 0) if computed else 0
-        how = ("scored" + (f" (resumed after {resumed} tiles)" if resumed else "")) if computed else "reused"
-        print(f"{store.root.attrs.get('slide_id', path.stem)}  {len(scores)} tiles  {seconds:.1f} s  "
-              f"{rate or 0:.0f} tiles/s  {how}  {_percentiles(scores)}")
-        scored.append({"slide": store.root.attrs["source"]["path"], "slide_id": store.root.attrs["slide_id"],
-                       "store": str(path), "model_id": scorer.model_id if len(scores) else None,  # no tiles: no heatmap
-                       "n_tiles": len(scores), "status": "ok", "timings": {}, "warnings": []})
-    if scored and (args.exports or not args.no_overlays):
-        failed += _heatmaps_overlays_exports(scored, args)
-    return 1 if failed else 0
-
-
-def _heatmaps_overlays_exports(scored: list[dict], args: argparse.Namespace) -> int:
-    """Heatmap and slide score of every scored store, then (unless ``--no-overlays``) overlays on one colour
-    scale for all of them, in ``<store folder>/overlays``, and the ``--export`` formats beside each store;
-    returns the number of stores that failed here (each printed)."""
-    from pipelines.tasks import aggregate_slide, cohort_scale_of, export_slide, geojson_threshold, overlay_slide
-
-    results = [aggregate_slide(r) for r in scored]
-    scale = cohort_scale_of(results)
-    if scale is not None:
-        print(f"cohort colour scale {scale.vmin:.4g} – {scale.vmax:.4g} over {len(results)} slides")
-    threshold = geojson_threshold(args.geojson_threshold, scale)
-    failed = 0
-    for result in results:
-        if not args.no_overlays:
-            result = overlay_slide(result, scale, Path(result["store"]).parent, annotations_dir=args.annotations)
-        if args.exports and result["status"] == "ok":
-            attrs = SlideStore.open(result["store"]).root.attrs
-            mpp = attrs.get("mpp_x") if attrs.get("mpp_source") == "override" else None
-            result = export_slide(result, args.exports, threshold=threshold, mpp=mpp)
-        if result["status"] == "failed":
-            failed += 1
-            print(f"{result['slide_id']}: failed at {result['failed_task']}: {result['error']}")
-            continue
-        facts = [f"slide score {result['slide_score']:.4g} ({result['reducer']})" if result.get("slide_score") is not None
-                 else "no slide score (no tiles)"]
-        if result.get("overlay_png"):
-            facts.append(f"overlay {result['overlay_png']}")
-        written = result.get("exports_written") or []
-        facts += [f"{fmt} {path}{'' if fmt in written else ' (reused)'}" for fmt, path in result.get("exports", {}).items()]
-        facts += [f"warning: {w}" for w in result.get("warnings", [])]
-        print(f"{result['slide_id']}  " + "  ".join(facts))
-    return failed
-
-
-class _Bar:
-    """``progress(done, total)`` adapter for a tqdm bar on stderr (only when stderr is a terminal)."""
-
-    def __init__(self, name: str):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(desc=name, unit="tile", dynamic_ncols=True, leave=False)
-
-    def __call__(self, done: int, total: int) -> None:
-        self.bar.total = total
-        self.bar.n = done
-        self.bar.refresh()
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def _progress_bar(name: str) -> _Bar | None:
-    return _Bar(name) if sys.stderr.isatty() else None
+    if not stores:
+        return 1
+    out = args.out
+    if out is None:
+        folders = sorted({p.absolute().parent for p in stores})
+        if len(folders) > 1:
+            raise WsiAdError(f"the stores are in {len(folders)} folders ({', '.join(map(str, folders[:3]))}...): "
+                             "give --out DIR for the report and the overlays")
+        out = folders[0]
+    batch = BatchConfig(model=args.model, device=args.device, batch_size=args.batch_size,
+                        backbone_weights=str(args.backbone_weights) if args.backbone_weights else None,
+                        annotations_dir=args.annotations, exports=args.exports,
+                        geojson_threshold=args.geojson_threshold, pixel_maps=args.pixel_maps,
+                        overlays=not args.no_overlays)
+    result = score_stores(stores, out, batch, scheduler=args.scheduler, workers=args.workers)
+    for row in result.results:
+        if row["status"] == "ok":
+            print(f"{row['slide_id']}  {row.get('n_tiles', 0)} tiles  " + (
+                f"slide score {row['slide_score']:.4g} ({row['reducer']})" if row.get("slide_score") is not None
+                else "no slide score (no tiles)") + (f"  overlay {row['overlay_png']}" if row.get("overlay_png") else "")
+                + "".join(f"  {fmt} {path}{'' if fmt in (row.get('exports_written') or []) else ' (reused)'}"
+                          for fmt, path in (row.get("exports") or {}).items()))
+    return 1 if result.n_failed or bad else 0

@@ -118,6 +118,31 @@ def preprocess_slide(path: str | Path, out: str | Path, config: PreprocessConfig
     return result
 
 
+@_task("open")
+def _open_store(result: dict) -> None:
+    store = SlideStore.open(result["store"])
+    attrs = store.root.attrs
+    tiles = store.require("tiles")
+    source = attrs.get("source") or {}
+    qc = Path(result["store"]).parent / "qc" / f"{result['slide_id']}.tissue.png"
+    width, height = (attrs.get("level_dimensions") or [[None, None]])[0]
+    result.update({
+        "slide": source.get("path") or result["slide"], "n_tiles": int(tiles["coords"].shape[0]),
+        "mpp": attrs.get("mpp_x"), "width": width, "height": height,
+        "mpp_override": attrs.get("mpp_x") if attrs.get("mpp_source") == "override" else None,
+        "qc_png": str(qc) if qc.is_file() else None, "stages_run": [],
+    })
+
+
+def open_store(path: str | Path) -> dict:
+    """The result of a slide store made earlier (``wsi-ad process --out``), as :func:`preprocess_slide` gives it
+    (store, slide file, tile count, µm/px), for the scoring chain of ``wsi-ad score``; never raises for bad
+    input (a folder that is no slide store, a store without tiles: ``status: "failed"``)."""
+    result = new_result(path)
+    result["store"] = str(Path(path).absolute())
+    return _open_store(result)
+
+
 # -- scoring ------------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=2)
@@ -187,8 +212,8 @@ def finish_scoring(result: dict, ranges: list[dict], model: str | Path, *, devic
                    batch_size: int | None = None, backbone_weights: str | None = None) -> None:
     """Once every :func:`score_range` of the slide is done: mark its scoring stage complete
     (:func:`wsi_ad.scoring.complete_score_stage`) and record how it was scored (``tiles_per_s``: tiles scored over
-    the wall time from the plan to now, ``score_tasks``, ``score_worker``). A failed range fails the slide with
-    its error."""
+    the wall time from the plan to now, ``score_tasks``, ``score_worker``; ``timings["score"]``: that wall time,
+    ``timings["score-range"]``: the ranges' own seconds, summed). A failed range fails the slide with its error."""
     from wsi_ad.scoring import ScorePlan, complete_score_stage, default_batch_size
 
     failed = next((r for r in ranges if r.get("status") == "failed"), None)
@@ -207,6 +232,7 @@ def finish_scoring(result: dict, ranges: list[dict], model: str | Path, *, devic
     complete_score_stage(SlideStore.open(result["store"], mode="r+"), scorer, plan, [r["range"] for r in ranges],
                          batch_size=batch, seconds=seconds)
     tiles = sum(r["range"]["tiles"] for r in ranges)
+    result["timings"]["score-range"] = round(sum(r["timings"].get("score-range", 0.0) for r in ranges), 3)
     workers = sorted({str(r["range"]["worker"]) for r in ranges if r["range"].get("worker") is not None})
     result.update(scored=True, score_tasks=len(ranges), score_worker=", ".join(workers) or None,
                   score_device=", ".join(sorted({r["range"]["device"] for r in ranges})),
@@ -301,7 +327,7 @@ def overlay_slide(result: dict, scale, out: Path, *, annotations_dir: Path | Non
             annotations = read_asap_xml(xml)
         except AnnotationError as exc:  # a drawing problem: the overlay goes without outlines, the slide stays ok
             result["warnings"] = [*result.get("warnings", []), f"overlay drawn without lesion outlines: {exc}"]
-    with open_slide(result["slide"], mpp=mpp) as slide:
+    with open_slide(result["slide"], mpp=mpp if mpp is not None else result.get("mpp_override")) as slide:
         write_overlay(png, slide, load_heatmap(store, result["model_id"]), scale,
                       tissue_mask=load_tissue_mask(store), annotations=annotations)
     write_text_atomic(sidecar, json.dumps(stamp))
@@ -331,6 +357,7 @@ def export_slide(result: dict, formats: tuple[str, ...], *, threshold: float | N
     if not wanted:
         return
     store = SlideStore.open(result["store"])
+    mpp = mpp if mpp is not None else result.get("mpp_override")
     with (open_slide(result["slide"], mpp=mpp) if "h5" in wanted else nullcontext()) as slide:
         done = export_store(store, wanted, Path(result["store"]).parent, model_id=result.get("model_id"),
                             threshold=threshold, slide=slide)

@@ -196,7 +196,9 @@ def test_toy_detector_trains_scores_processes_and_evaluates_through_the_cli(scor
     payload = load_checkpoint(ckpt)
     assert payload["detector"] == "toy_mean_colour" and payload["history"]["loss"]
 
-    # score a store (a copy: the session's stores are shared) and aggregate it, as for the DPA
+    # score a store (a copy: the session's stores are shared) and aggregate it, as for the DPA; `score` and
+    # `process --model` run on a real local Dask cluster: the workers import this module through $WSI_AD_DETECTORS
+    monkeypatch.setenv(detectors.ENV_VAR, Path(__file__).stem)
     stores = tmp_path / "stores"
     shutil.copytree(scored_setting["tumor_store"], stores / "tumor_103.zarr")
     assert main(["score", str(stores), "--model", str(ckpt), "--device", "cpu"]) == 0
@@ -207,8 +209,6 @@ def test_toy_detector_trains_scores_processes_and_evaluates_through_the_cli(scor
     units = dict(store.require(f"scores/{report['model_id']}")["scores"].attrs)["units"]
     assert units == MeanColourDistance.score_units
 
-    # `process --model` on a real local Dask cluster: the workers import this module through $WSI_AD_DETECTORS
-    monkeypatch.setenv(detectors.ENV_VAR, Path(__file__).stem)
     slides = tmp_path / "slides"
     slides.mkdir()
     (slides / "tumor_103.tif").symlink_to(scored_setting["tumor"].path)

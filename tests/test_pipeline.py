@@ -85,6 +85,12 @@ def test_local_cluster_scores_good_slides_and_isolates_bad_ones(scored_setting, 
     assert (out / "roc.png").exists() and "roc.png" in page and "overlays/tumor_103.png" in page
     assert any("slides]" in line and "score" in line for line in lines)
     assert (out / "wsi-ad.log").read_text().count("tumor_103") >= 3
+    # each failure is said once, at the task where it happened; the colour scale counts the slides it comes from
+    for slide_id, failure in failures.items():
+        said = [line for line in lines if f"] {slide_id} " in line and "FAILED" in line]
+        assert len(said) == 1 and f"FAILED at {failure['failed_task']}" in said[0], said
+    scored = sum(1 for r in result.results if r["status"] == "ok" and r.get("model_id"))
+    assert any(line.startswith("cohort colour scale") and f"({scored} scored slides)" in line for line in lines)
 
 
 def test_scoring_runs_only_on_the_worker_that_advertises_a_gpu(scored_setting, tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import shutil
 import signal
 import subprocess
@@ -211,24 +212,35 @@ def _cli(argv: list[str]) -> argparse.Namespace:
 
 
 def test_cli_scores_a_folder_of_stores_and_reports_a_bad_one(scored_setting, tmp_path, capsys):
+    """Issue 20: `wsi-ad score` runs the Dask graph of `wsi-ad process --model` on the stores (local cluster): the
+    same progress lines, report and failure handling; a folder that is no store fails alone."""
     stores = tmp_path / "stores"
     shutil.copytree(scored_setting["stores_dir"], stores)
     model = str(scored_setting["model"])
-    assert run_score(_cli([str(stores), "--model", model, "--device", "cpu", "--batch-size", "128"])) == 0
+    assert run_score(_cli([str(stores), "--model", model, "--device", "cpu", "--batch-size", "128",
+                           "--workers", "1"])) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[0] for line in lines[:2]] == ["normal_102", "tumor_103"]
-    assert all(" scored " in line and "tiles/s" in line and "p50" in line for line in lines[:2])
-    # then heatmaps, slide scores and overlays on one colour scale for both slides
-    assert lines[2].startswith("cohort colour scale")
-    slide_scores = {line.split()[0]: float(line.split()[3]) for line in lines[3:]}
+    assert lines[0].startswith(f"2 stores → {stores} (local cluster, 1 workers)")
+    for sid in ("normal_102", "tumor_103"):
+        assert any(f"] {sid}" in line and " open " in line and " tiles" in line for line in lines)
+        assert any(f"] {sid}" in line and " score " in line and "tiles/s on cpu" in line for line in lines)
+    assert any(line.startswith("cohort colour scale") for line in lines)
+    slide_scores = {line.split()[0]: float(line.split()[5]) for line in lines if line.startswith(("normal_102  ",
+                                                                                                  "tumor_103  "))}
     assert slide_scores["tumor_103"] > slide_scores["normal_102"]
     assert (stores / "overlays" / "tumor_103.png").exists() and (stores / "overlays" / "normal_102.png").exists()
+    report = json.loads((stores / "report.json").read_text())
+    assert [row["status"] for row in report["slides"]] == ["ok", "ok"]
+    assert {row["slide_id"]: row["slide_score"] for row in report["slides"]} == pytest.approx(slide_scores, rel=1e-3)
 
     (stores / "broken.zarr").mkdir()                                # not a store: fails alone
-    assert run_score(_cli([str(stores), "--model", model, "--device", "cpu", "--no-overlays"])) == 1
+    assert run_score(_cli([str(stores), "--model", model, "--device", "cpu", "--no-overlays", "--workers", "1"])) == 1
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 3 and lines[0].startswith("broken: failed: ") and "not a slide store" in lines[0]
-    assert all(" reused " in line for line in lines[1:])
+    assert any("] broken" in line and "FAILED at open" in line and "not a slide store" in line for line in lines)
+    assert sum(" score " in line and "reused" in line for line in lines) == 2
+    assert [f["slide_id"] for f in json.loads((stores / "failures.json").read_text())] == ["broken"]
+    with pytest.raises(WsiAdError, match="apply to slide stores"):
+        run_score(_cli([str(stores), "--model", model, "--tiles", "--csv", str(tmp_path / "x.csv"), "--workers", "1"]))
 
     # --tiles: folders of image tiles into a CSV.
     folder = tmp_path / "pngs"
