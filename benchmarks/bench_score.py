@@ -52,19 +52,25 @@ def make_source_store(workdir: Path) -> Path:
     return workdir / "stores" / "tumor_103.zarr"
 
 
-def make_bench_store(source: Path, workdir: Path, n_tiles: int, magnification: str = "10x") -> SlideStore:
-    """A copy of ``source`` whose tiles stage holds ``n_tiles`` tiles (its own, repeated)."""
+def make_bench_store(source: Path, workdir: Path, n_tiles: int, magnification: str = "10x",
+                     source_codecs: bool = False) -> SlideStore:
+    """A copy of ``source`` whose tiles stage holds ``n_tiles`` tiles (its own, repeated), in chunks of 64 tiles
+    compressed with zarr's default codec (zstd), or with ``source_codecs`` those of the source's tile array (the
+    pipeline's stores: uncompressed by default), so that reading them costs what it costs in the pipeline."""
     target = workdir / "bench.zarr"
     shutil.copytree(source, target)
     store = SlideStore.open(target, mode="r+")
-    tiles = np.asarray(store.require("tiles")[magnification][:])
+    source_array = store.require("tiles")[magnification]
+    codecs = ({"compressors": source_array.compressors, "serializer": source_array.serializer,
+               "filters": source_array.filters} if source_codecs else {})
+    tiles = np.asarray(source_array[:])
     index = np.arange(n_tiles) % len(tiles)
     coords = np.asarray(store.root["tiles/coords"][:])[index]
     with store.write_stage("tiles", f"bench-{n_tiles}", n_tiles=n_tiles) as group:
         group.create_array("coords", data=coords)
         group.create_array("grid", data=np.asarray(store.root["tiles/grid"][:])[index])
         group.create_array("tissue_fraction", data=np.ones(n_tiles, np.float32))
-        array = group.create_array(magnification, data=tiles[index], chunks=(64, *tiles.shape[1:]))
+        array = group.create_array(magnification, data=tiles[index], chunks=(64, *tiles.shape[1:]), **codecs)
         array.attrs.update(dict(store.root[f"tiles/{magnification}"].attrs))
     return store
 

@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# The GPU benchmark (benchmarks/gpu.py --help) with the repository's virtualenv: ./benchmarks/gpu.sh [--quick] ...
+exec "$(dirname "$0")/../.venv/bin/python" "$(dirname "$0")/gpu.py" "$@"
