@@ -5,7 +5,8 @@
   worker gets ``threads_per_worker`` torch threads and no more). When CUDA devices are present, one extra
   worker per GPU advertises the resource ``GPU=1`` and only it runs scoring tasks: one task per GPU. The
   CPU workers see no GPU (``CUDA_VISIBLE_DEVICES=""``): their stages run on the CPU (stain normalization
-  with its compiled CPU kernel) instead of each opening a CUDA context on the scoring GPU.
+  with its compiled CPU kernel) instead of each opening a CUDA context on the scoring GPU; they advertise the
+  resource ``CPU``, which every other task requires, so no preprocessing queues on a GPU worker.
 * ``--scheduler tcp://HOST:PORT``: the same graph on an existing cluster. Scoring tasks ask for the
   ``GPU`` resource only when some worker advertises it (``dask worker --resources GPU=1``). Every worker
   must see the slide files, the output folder and the checkpoint under the same paths (a shared
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 
 #: The worker resource that marks a GPU; scoring tasks require one unit of it where any worker has it.
 GPU_RESOURCE = "GPU"
+#: The resource of the CPU workers of a cluster with GPU workers: the other tasks (preprocess, aggregate, overlay,
+#: export) require it there, so they never queue on a GPU worker ahead of its scoring.
+CPU_RESOURCE = "CPU"
 
 #: Environment of local worker processes. Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` to return
 #: memory to the OS sooner; any fixed value turns off glibc's dynamic mmap threshold, so every torch batch
@@ -42,11 +46,18 @@ class ClusterInfo:
     n_workers: int
     gpu_workers: int
     local: bool
+    cpu_workers_marked: bool = False
 
     @property
     def score_resources(self) -> dict | None:
         """Resources a scoring task asks for (``{"GPU": 1}`` where GPU workers exist, else none)."""
         return {GPU_RESOURCE: 1} if self.gpu_workers else None
+
+    @property
+    def cpu_resources(self) -> dict | None:
+        """Resources the other tasks ask for: ``{"CPU": 1}`` where the CPU workers advertise it (the local cluster
+        with GPUs; ``dask worker --resources CPU=1`` on your own), else none (any worker)."""
+        return {CPU_RESOURCE: 1} if self.cpu_workers_marked else None
 
 
 def default_workers() -> tuple[int, int]:
@@ -89,7 +100,8 @@ def connect(scheduler: str | None = None, *, workers: int | None = None, threads
         try:
             info = client.scheduler_info()["workers"]
             gpu = sum(1 for w in info.values() if w.get("resources", {}).get(GPU_RESOURCE, 0) >= 1)
-            yield client, ClusterInfo(scheduler, len(info), gpu, local=False)
+            cpu = any(w.get("resources", {}).get(CPU_RESOURCE, 0) >= 1 for w in info.values())
+            yield client, ClusterInfo(scheduler, len(info), gpu, local=False, cpu_workers_marked=cpu)
         finally:
             client.close()
         return
@@ -104,10 +116,19 @@ def connect(scheduler: str | None = None, *, workers: int | None = None, threads
     client = Client(cluster)
     try:
         client.run(_set_worker_threads, threads, quiet)
-        yield client, ClusterInfo(cluster.scheduler_address, len(client.scheduler_info()["workers"]), gpus, local=True)
+        yield client, ClusterInfo(cluster.scheduler_address, len(client.scheduler_info()["workers"]), gpus, local=True,
+                                  cpu_workers_marked=gpus > 0)
     finally:
         client.close()
         cluster.close()
+
+
+def visible_gpu(index: int) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` value that shows a worker the ``index``-th GPU this process sees: the
+    ``index``-th entry of this process's own ``CUDA_VISIBLE_DEVICES`` when set (``2,3`` -> GPU 2 for index 0, not
+    GPU 0), else ``index``."""
+    own = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return own[index] if index < len(own) else str(index)
 
 
 def _local_cluster(n_workers: int, threads: int, gpus: int, options: dict):
@@ -117,12 +138,13 @@ def _local_cluster(n_workers: int, threads: int, gpus: int, options: dict):
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads, processes=True, **options)
     else:
         worker_specs = {f"cpu-{i}": {"cls": Nanny, "options": {"nthreads": threads, "silence_logs": logging.ERROR,
+                                                               "resources": {CPU_RESOURCE: threads},
                                                                "env": {"CUDA_VISIBLE_DEVICES": ""}}}
                         for i in range(n_workers)}
         for gpu in range(gpus):
             worker_specs[f"gpu-{gpu}"] = {"cls": Nanny, "options": {
                 "nthreads": 1, "resources": {GPU_RESOURCE: 1}, "silence_logs": logging.ERROR,
-                "env": {"CUDA_VISIBLE_DEVICES": str(gpu)}}}
+                "env": {"CUDA_VISIBLE_DEVICES": visible_gpu(gpu)}}}
         cluster = SpecCluster(workers=worker_specs, silence_logs=logging.ERROR,
                               scheduler={"cls": Scheduler, "options": {"dashboard_address": None}})
     return cluster

@@ -266,22 +266,23 @@ def _run_graph(client, info, slides: list[Path], out: Path, batch: BatchConfig, 
                   for chunks in score_ranges(result, batch.score_task_chunks)]
         done = submit(finish_scoring, future, ranges, model, task="score", sid=sid, resources=info.score_resources,
                       batch_size=batch.batch_size, **scoring)
-        chains[sid] = submit(aggregate_slide, done, task="aggregate", sid=sid, reducer=batch.reducer,
-                             smoothing_um=batch.smoothing_um)
+        chains[sid] = submit(aggregate_slide, done, task="aggregate", sid=sid, resources=info.cpu_resources,
+                             reducer=batch.reducer, smoothing_um=batch.smoothing_um)
         return [*ranges, done, chains[sid]]
 
     for path in slides:
         sid = slide_id_of(path)
         if kind == "stores":
-            future = submit(open_store, str(path), task="open", sid=sid)
+            future = submit(open_store, str(path), task="open", sid=sid, resources=info.cpu_resources)
         else:
             future = submit(preprocess_slide, str(path), out.resolve(), batch.preprocess, task="preprocess",
-                            sid=sid, mpp=batch.mpp)
+                            sid=sid, resources=info.cpu_resources, mpp=batch.mpp)
         if model is not None:       # the score ranges follow once the plan knows the slide's chunks (``follow``)
             future = submit(plan_scoring, future, model, task="score-plan", sid=sid, resources=info.score_resources,
                             chunk_tiles=batch.score_chunk_tiles, pixel_maps=batch.pixel_maps, **scoring)
         elif batch.exports:
-            future = submit(export_slide, future, batch.exports, task="export", sid=sid, mpp=batch.mpp)
+            future = submit(export_slide, future, batch.exports, task="export", sid=sid, resources=info.cpu_resources,
+                            mpp=batch.mpp)
         chains[sid] = future
 
     final = _watch(client, as_completed(submitted), task_of, chains, slides, batch, echo,
@@ -289,7 +290,8 @@ def _run_graph(client, info, slides: list[Path], out: Path, batch: BatchConfig, 
     results = [final[slide_id_of(path)] for path in slides]
     if model is not None and not (batch.fail_fast and any(r["status"] == "failed" for r in results)):
         try:
-            scale = client.submit(cohort_scale_of, results, key=f"cohort-scale-{run_id}", pure=False).result()
+            scale = client.submit(cohort_scale_of, results, key=f"cohort-scale-{run_id}", pure=False,
+                                  resources=info.cpu_resources).result()
         except (WsiAdError, OSError) as exc:     # no overlays then; every slide's scores are in its store
             scale = None
             _say(echo, f"no overlays: the cohort colour scale failed ({exc})")
@@ -305,10 +307,10 @@ def _run_graph(client, info, slides: list[Path], out: Path, batch: BatchConfig, 
                 continue
             if batch.overlays:
                 last[sid] = submit(overlay_slide, result, scale, out.resolve(), task="overlay", sid=sid,
-                                   annotations_dir=batch.annotations_dir, mpp=batch.mpp)
+                                   resources=info.cpu_resources, annotations_dir=batch.annotations_dir, mpp=batch.mpp)
             if batch.exports:
                 last[sid] = submit(export_slide, last[sid], batch.exports, task="export", sid=sid,
-                                   threshold=threshold, mpp=batch.mpp)
+                                   resources=info.cpu_resources, threshold=threshold, mpp=batch.mpp)
         if len(submitted) > first:
             pending = {sid: f for sid, f in last.items() if not isinstance(f, dict)}
             final = _watch(client, as_completed(submitted[first:]), task_of, pending, slides, batch, echo)

@@ -122,10 +122,19 @@ def test_gpu_layout_hides_the_gpu_from_the_cpu_workers(monkeypatch):
 
     monkeypatch.setattr(pipelines.cluster, "_cuda_devices", lambda: 1)
     with pipelines.cluster.connect(workers=1) as (client, info):
-        names = {address: w["name"] for address, w in client.scheduler_info()["workers"].items()}
+        workers = client.scheduler_info()["workers"]
+        names = {address: w["name"] for address, w in workers.items()}
+        resources = {w["name"]: w.get("resources", {}) for w in workers.values()}
         seen = client.run(_worker_env, "CUDA_VISIBLE_DEVICES")
     assert info.gpu_workers == 1
     assert {names[address]: value for address, value in seen.items()} == {"cpu-0": "", "gpu-0": "0"}
+    # every task but scoring asks for the CPU workers' resource: nothing queues on the GPU worker ahead of scoring
+    assert resources == {"cpu-0": {"CPU": 1}, "gpu-0": {"GPU": 1}} and info.cpu_resources == {"CPU": 1}
+    # the n-th GPU a worker gets is the n-th this process sees, not the n-th of the machine
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert [pipelines.cluster.visible_gpu(i) for i in (0, 1)] == ["2", "3"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert pipelines.cluster.visible_gpu(1) == "1"
 
 
 def test_fail_fast_stops_the_batch_at_the_first_failure(scored_setting, tmp_path):
