@@ -1,9 +1,10 @@
 """``wsi-ad process``: the main job, a Dask graph over a folder of slides.
 
 Per slide, a chain of tasks (:mod:`pipelines.tasks`): preprocess (open → tissue mask → stain fit → tiles +
-normalization) → score (with ``--model``; on a GPU worker when there is one) → aggregate (heatmap, slide
-score); then, once every slide is scored, one colour scale for the whole cohort and an overlay per slide;
-then the report. Slides run in parallel on a local ``dask.distributed`` cluster sized to the machine, or on
+normalization) → score (with ``--model``: a plan task, then one task per chunk of 4,096 tiles on any worker with
+the scoring resource, a GPU worker when there is one, then a finish task) → aggregate (heatmap, slide score);
+then, once every slide is scored, one colour scale for the whole cohort and an overlay per slide; then the
+report. :func:`score_stores` (``wsi-ad score``) runs the same graph on stores made earlier, from the score on. Slides run in parallel on a local ``dask.distributed`` cluster sized to the machine, or on
 an existing cluster (``--scheduler``); the library (:mod:`wsi_ad`) knows nothing of Dask.
 
 * **Resume**: every stage is skipped when the slide's store already holds it for the same settings (and the
