@@ -4,8 +4,9 @@ Per slide, a chain of tasks (:mod:`pipelines.tasks`): preprocess (open → tissu
 normalization) → score (with ``--model``: a plan task, then one task per chunk of 4,096 tiles on any worker with
 the scoring resource, a GPU worker when there is one, then a finish task) → aggregate (heatmap, slide score);
 then, once every slide is scored, one colour scale for the whole cohort and an overlay per slide; then the
-report. :func:`score_stores` (``wsi-ad score``) runs the same graph on stores made earlier, from the score on. Slides run in parallel on a local ``dask.distributed`` cluster sized to the machine, or on
-an existing cluster (``--scheduler``); the library (:mod:`wsi_ad`) knows nothing of Dask.
+report. :func:`score_stores` (``wsi-ad score``) runs the same graph on stores made earlier, from the score on.
+Slides run in parallel on a local ``dask.distributed`` cluster sized to the machine, or on an existing cluster
+(``--scheduler``); the library (:mod:`wsi_ad`) knows nothing of Dask.
 
 * **Resume**: every stage is skipped when the slide's store already holds it for the same settings (and the
   same source file size/mtime), so a re-run after ``kill -9`` redoes only what was unfinished.
