@@ -37,6 +37,9 @@ def test_grayscale_8_and_16_bit_decode_alike(he_tile, tmp_path):
 
 def test_transparency_is_white_as_on_slides(he_tile, tmp_path):
     rgba = np.dstack([he_tile, np.full((64, 64), 255, np.uint8)])
+    opaque = rgb_on_white(Image.fromarray(rgba, "RGBA"))
+    np.testing.assert_array_equal(opaque, he_tile)                                 # alpha 255: dropped
+    assert opaque.flags.writeable and opaque.flags.c_contiguous
     rgba[:, 32:] = 0                                                               # right half (0, 0, 0, 0)
     white = he_tile.copy()
     white[:, 32:] = 255

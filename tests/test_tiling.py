@@ -64,6 +64,7 @@ def test_store_layout(tumor_store):
     assert tiles["20x"].shape == (n, 128, 128, 3)
     assert tiles["10x"].chunks[0] == 64 and tiles["20x"].chunks[0] == 16      # ~768 KiB chunks
     assert tiles["10x"].attrs["mpp"] == pytest.approx(0.972)
+    assert (tumor_store.path / "tiles" / "10x" / "c.0.0.0.0").is_file()     # chunk files side by side
     # Coordinates are the grid times the level-0 stride.
     np.testing.assert_array_equal(tiles["coords"][:], tiles["grid"][:][:, ::-1] * 256)
     assert tumor_store.is_complete("tissue") and tumor_store.is_complete("tiles")
@@ -193,7 +194,7 @@ def test_a_killed_process_run_resumes_to_the_same_store(tumor_slide, tmp_path):
     proc = subprocess.Popen([*command, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if list((out / "tumor_901.zarr").glob(".tiles.*.tmp/40x/c/*")):
+        if list((out / "tumor_901.zarr").glob(".tiles.*.tmp/40x/c.*")):
             break                                   # tiles stage under way: chunks being written
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)

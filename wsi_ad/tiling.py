@@ -23,12 +23,14 @@ optional ``transform`` (stain normalization) once, and is then downsampled for t
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -223,14 +225,26 @@ def plan_tiles(slide: Slide, params: TilingParams, tissue_fraction_of: Callable[
 RegionTransform = Callable[[np.ndarray], np.ndarray]
 
 
-def iter_tile_blocks(slide: Slide, tiles: TileGrid, transform: RegionTransform | None = None, *,
-                     prefetch: int = 2) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-    """Yield ``(indices, {magnification: (n, h, w, 3) uint8})`` block by block, in ``tiles`` order.
+class RegionTiles(NamedTuple):
+    """The tiles of one read region at one magnification, not cut yet: ``crop_tiles(*region_tiles)``."""
+
+    image: np.ndarray          # (H, W, 3) uint8, the region at this magnification
+    offsets_rc: np.ndarray     # (n, 2) top-left (row, col) pixel of each tile in ``image``
+    tile_px: int
+
+
+@contextlib.contextmanager
+def read_tile_regions(slide: Slide, tiles: TileGrid, transform: RegionTransform | None = None, *,
+                      prefetch: int = 2) -> Iterator[Iterator[tuple[np.ndarray, dict[str, RegionTiles]]]]:
+    """Start reading ``tiles``' regions at once, in a background thread; give an iterator of
+    ``(indices, {magnification: RegionTiles})``, block by block in ``tiles`` order.
 
     One region is read per block (the bounding box of its tiles) at the finest magnification, passed once
     through ``transform`` (e.g. stain normalization; (H, W, 3) uint8 -> same), and area-downsampled for
-    every coarser magnification. Up to ``prefetch`` regions are read ahead by a background thread
-    (OpenSlide releases the GIL while it decodes), so reading overlaps the transform and the writes.
+    every coarser magnification. Up to ``prefetch`` regions are read ahead (OpenSlide releases the GIL
+    while it decodes), from entering the context on: reading overlaps what the caller does before it
+    iterates (e.g. creating its output arrays), then the transform and the caller's writes. The caller
+    cuts the tiles (:func:`crop_tiles`), e.g. straight into its own buffer.
     """
     geometry = tiles.geometry
     mpp = magnification_to_mpp(geometry.magnifications[0])
@@ -246,19 +260,32 @@ def iter_tile_blocks(slide: Slide, tiles: TileGrid, transform: RegionTransform |
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="region-reader") as pool:
         blocks = iter(tiles.blocks)
         ahead = deque(pool.submit(read, b) for b in itertools.islice(blocks, max(1, prefetch)))
-        while ahead:
-            indices, cells, region = ahead.popleft().result()
-            following = next(blocks, None)
-            if following is not None:
-                ahead.append(pool.submit(read, following))
-            if transform is not None:
-                region = transform(region)
-            out: dict[str, np.ndarray] = {}
-            for name, factor, stride, tile in zip(geometry.magnifications, geometry.factors,
-                                                  geometry.stride_px, geometry.tile_px, strict=True):
-                scaled = region if factor == 1 else downsample(region, factor)
-                out[name] = crop_tiles(scaled, cells * stride, tile)
-            yield indices, out
+
+        def regions() -> Iterator[tuple[np.ndarray, dict[str, RegionTiles]]]:
+            while ahead:
+                indices, cells, region = ahead.popleft().result()
+                following = next(blocks, None)
+                if following is not None:
+                    ahead.append(pool.submit(read, following))
+                if transform is not None:
+                    region = transform(region)
+                out: dict[str, RegionTiles] = {}
+                for name, factor, stride, tile in zip(geometry.magnifications, geometry.factors,
+                                                      geometry.stride_px, geometry.tile_px, strict=True):
+                    scaled = region if factor == 1 else downsample(region, factor)
+                    out[name] = RegionTiles(scaled, cells * stride, tile)
+                yield indices, out
+
+        yield regions()
+
+
+def iter_tile_blocks(slide: Slide, tiles: TileGrid, transform: RegionTransform | None = None, *,
+                     prefetch: int = 2) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """Yield ``(indices, {magnification: (n, h, w, 3) uint8})`` block by block, in ``tiles`` order: the
+    tiles of :func:`read_tile_regions`, cut."""
+    with read_tile_regions(slide, tiles, transform, prefetch=prefetch) as regions:
+        for indices, block in regions:
+            yield indices, {name: crop_tiles(*region) for name, region in block.items()}
 
 
 def downsample(image: np.ndarray, factor: int) -> np.ndarray:
@@ -269,9 +296,12 @@ def downsample(image: np.ndarray, factor: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).reduce(factor))
 
 
-def crop_tiles(image: np.ndarray, offsets_rc: np.ndarray, tile_px: int) -> np.ndarray:
-    """Cut (n, tile_px, tile_px, 3) tiles out of ``image`` at top-left (row, col) pixel ``offsets_rc``."""
-    out = np.empty((len(offsets_rc), tile_px, tile_px, image.shape[2]), dtype=image.dtype)
+def crop_tiles(image: np.ndarray, offsets_rc: np.ndarray, tile_px: int, out: np.ndarray | None = None
+               ) -> np.ndarray:
+    """Cut (n, tile_px, tile_px, 3) tiles out of ``image`` at top-left (row, col) pixel ``offsets_rc``, into
+    ``out`` when given (an (n, tile_px, tile_px, 3) array of ``image``'s dtype), else a new array."""
+    if out is None:
+        out = np.empty((len(offsets_rc), tile_px, tile_px, image.shape[2]), dtype=image.dtype)
     for i, (row, col) in enumerate(np.asarray(offsets_rc, dtype=np.int64)):
         out[i] = image[row:row + tile_px, col:col + tile_px]
     return out
