@@ -8,7 +8,7 @@ slides/hour, and peak memory per worker process on a >= 60k x 60k px synthetic s
 Synthesizes (once, cached in --work; ``mem_<size>.tif`` there is reused, e.g. a link to a slide made by
 ``bench_tiling.py``) one big tumour slide and a few small ones, trains a small model briefly (scoring speed does
 not depend on how long it trained), then runs the whole per-slide chain (tissue, stain, tiles, score in tasks of
-4,096-tile chunks spread over the workers, heatmap, overlay, report) with the model on a fresh output folder,
+2,048-tile chunks spread over the workers, heatmap, overlay, report) with the model on a fresh output folder,
 sampling every worker's RSS every 0.5 s. The overlap is the sum of every task's own seconds (preprocess, score
 plan, every score range, score finish, aggregate, overlay; not the scoring step's wall span, which overlaps its
 ranges) over the wall time: ideally the number of workers. Prints JSON and writes
@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--memory-sizes", default="",
                         help="comma-separated level-0 sides (px): one slide of each alone, peak RSS per worker")
     parser.add_argument("--skip-mix", action="store_true", help="only the --memory-sizes runs")
+    parser.add_argument("--score-chunk-tiles", type=int, default=None,
+                        help="tiles per stored score chunk, and so per scoring task (default: the library's)")
     args = parser.parse_args()
 
     from pipelines.process import BatchConfig, run_batch
@@ -78,6 +80,7 @@ def main() -> None:
         "benchmark": "bench_pipeline",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "workers": args.workers,
+        "score_chunk_tiles": args.score_chunk_tiles,
         "synth_seconds": synth_seconds,
         "note": "overlap = sum of every task's own seconds / wall time (ideal: the number of workers); the scoring "
                 "step's wall span ('score') is left out of the sum, its plan, ranges and finish are in; task times "
@@ -85,7 +88,7 @@ def main() -> None:
                 "markers",
     }
     if not args.skip_mix:
-        wall, report, peaks = _run([slides_dir], args.work / "out", model, args.workers)
+        wall, report, peaks = _run([slides_dir], args.work / "out", model, args.workers, args.score_chunk_tiles)
         slides = []
         for row in report["slides"]:
             tasks = row["task_seconds"]
@@ -119,7 +122,7 @@ def main() -> None:
         link = folder / path.name
         if not link.exists():
             link.symlink_to(path.resolve())
-        wall, report, peaks = _run([folder], args.work / f"out_mem_{size}", model, args.workers)
+        wall, report, peaks = _run([folder], args.work / f"out_mem_{size}", model, args.workers, args.score_chunk_tiles)
         row = report["slides"][0]
         memory.append({"side_px": size, "status": row["status"], "n_tiles": row["n_tiles"],
                        "score_tasks": row.get("score_tasks"), "wall_seconds": round(wall, 1),
@@ -135,7 +138,8 @@ def main() -> None:
     args.result.write_text(text + "\n")
 
 
-def _run(paths: list[Path], out: Path, model: Path, workers: int) -> tuple[float, dict, dict]:
+def _run(paths: list[Path], out: Path, model: Path, workers: int, chunk_tiles: int | None = None
+         ) -> tuple[float, dict, dict]:
     """One ``run_batch`` with the model on a fresh ``out``: (wall seconds, report.json, peak RSS MB per worker)."""
     from pipelines.cluster import connect
     from pipelines.process import BatchConfig, run_batch
@@ -157,7 +161,8 @@ def _run(paths: list[Path], out: Path, model: Path, workers: int) -> tuple[float
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         started = time.perf_counter()
-        result = run_batch(paths, out, BatchConfig(model=model), scheduler=info.address, echo=lambda s: None)
+        result = run_batch(paths, out, BatchConfig(model=model, score_chunk_tiles=chunk_tiles), scheduler=info.address,
+                           echo=lambda s: None)
         wall = time.perf_counter() - started
         stop.set()
         sampler.join()

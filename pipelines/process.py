@@ -1,7 +1,7 @@
 """``wsi-ad process``: the main job, a Dask graph over a folder of slides.
 
 Per slide, a chain of tasks (:mod:`pipelines.tasks`): preprocess (open → tissue mask → stain fit → tiles +
-normalization) → score (with ``--model``: a plan task, then one task per chunk of 4,096 tiles on any worker with
+normalization) → score (with ``--model``: a plan task, then one task per chunk of 2,048 tiles on any worker with
 the scoring resource, a GPU worker when there is one, then a finish task) → aggregate (heatmap, slide score);
 then, once every slide is scored, one colour scale for the whole cohort and an overlay per slide; then the
 report. :func:`score_stores` (``wsi-ad score``) runs the same graph on stores made earlier, from the score on.
@@ -84,7 +84,7 @@ class BatchConfig:
         score_task_chunks: a slide's tiles are scored in tasks of this many chunks
             (:data:`pipelines.tasks.SCORE_TASK_CHUNKS`).
         score_chunk_tiles: tiles per chunk of the stored scores, the unit of resume (None:
-            :data:`wsi_ad.scoring.SCORE_CHUNK_TILES`, 4,096).
+            :data:`wsi_ad.scoring.SCORE_CHUNK_TILES`, 2,048).
         pixel_maps: also store the per-feature-cell maps of every tile.
         overlays: draw each scored slide's overlay (``OUT/overlays``).
     """

@@ -159,7 +159,7 @@ def get_scorer(model: str | Path, device: str = "auto", backbone_weights: str | 
     return _cached_scorer(model, os.stat(model).st_mtime_ns, device, backbone_weights)
 
 
-#: A slide's tiles are scored in tasks of this many chunks of ``wsi_ad.scoring.SCORE_CHUNK_TILES`` (4,096) tiles,
+#: A slide's tiles are scored in tasks of this many chunks of ``wsi_ad.scoring.SCORE_CHUNK_TILES`` (2,048) tiles,
 #: so one big slide spreads over every worker with the scoring resource (benchmarks/bench_pipeline.py).
 SCORE_TASK_CHUNKS = 1
 
