@@ -7,8 +7,6 @@ threshold is 75 / (0.243 * 32 * 2) = 4.8225 cells (a 37.5 µm radius) and the IT
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import shapely
@@ -251,7 +249,7 @@ def test_tile_labels_use_the_union_of_overlapping_and_adjacent_polygons():
 
 
 @pytest.mark.shared_data
-def test_tile_labels_on_real_annotations_match_direct_shapely_and_are_fast(shared_data):
+def test_tile_labels_on_real_annotations_match_direct_shapely(shared_data):
     anns = read_asap_xml(shared_data / "camelyon16" / "annotations" / "tumor_110.xml")
     tile = 64 * 0.972 / 0.243  # 64 px at 10x: 256 level-0 px
     v = np.concatenate([a.vertices for a in anns])
@@ -259,10 +257,8 @@ def test_tile_labels_on_real_annotations_match_direct_shapely_and_are_fast(share
     ys = np.arange(v[:, 1].min() - 2000, v[:, 1].max() + 2000, tile)
     gx, gy = np.meshgrid(xs, ys)
     coords = np.column_stack([gx.ravel(), gy.ravel()])
-    start = time.perf_counter()
-    labels = tile_labels(coords, tile, anns)
-    elapsed = time.perf_counter() - start
-    assert coords.shape[0] > 40_000 and elapsed < 10.0
+    labels = tile_labels(coords, tile, anns)            # its speed: benchmarks, not a timed test
+    assert coords.shape[0] > 40_000
     counts = {k: int((labels == k).sum()) for k in (-1, 0, 1)}
     assert counts[1] > 10_000 and counts[0] > 20_000 and 0 < counts[-1] < counts[1]
     # the same labels by brute force on a sample: tile area against the unions, no tree, no splitting
@@ -372,9 +368,7 @@ def test_evaluation_masks_of_the_real_annotations(shared_data):
     # tumor_110 (macro-metastasis): 21 tumour polygons (4 of them several mm) and 18 exclusions merge into
     # 5 regions, none of them an ITC; the largest spans over 1 cm
     anns = read_asap_xml(ann_dir / "tumor_110.xml")
-    start = time.perf_counter()
     mask = evaluation_mask(anns, (97792, 221184))
-    assert time.perf_counter() - start < 10.0
     assert mask.shape == (6912, 3056) and mask.labels.shape[0] < 2000  # only a window is held
     assert (mask.n_regions, len(mask.itc_labels)) == (5, 0)
     assert mask.major_axis_um.max() > 10_000

