@@ -35,6 +35,7 @@ from wsi_ad.overlay import (
     cohort_scale,
     colormap_lut,
     compose_overlay,
+    heatmap_on_thumbnail,
     level0_per_thumbnail_px,
     render_overlay,
     tissue_on_thumbnail,
@@ -404,3 +405,73 @@ def test_clam_h5_carries_the_scores(scored, tmp_path):
         assert h5["coords"].attrs["patch_size"] == 64
     with h5py.File(without, "r") as h5:
         assert "scores" not in h5 and "coords" in h5
+
+
+# -- hotspots and deep-zoom layers (wsi-ad view) ---------------------------------------------------------
+
+def _bumps_heatmap() -> Heatmap:
+    """A 40 x 60 grid of 256 px cells at 0.243 µm/px (62 µm a cell) with two Gaussian bumps, a weaker
+    neighbour next to the strong one, and an off-tissue band."""
+    rows, cols = np.mgrid[0:40, 0:60]
+    values = (2.0 * np.exp(-((rows - 10) ** 2 + (cols - 12) ** 2) / 8.0)
+              + 1.0 * np.exp(-((rows - 30) ** 2 + (cols - 45) ** 2) / 8.0)
+              + 0.9 * np.exp(-((rows - 10) ** 2 + (cols - 15) ** 2) / 0.5))
+    values[:, 25:30] = np.nan
+    return Heatmap(values=values.astype(np.float32), level0_per_cell=(256, 256), tile0=(256, 256), mpp_x=0.243,
+                   mpp_y=0.243, origin_level0=(100.0, 50.0))
+
+
+def test_hotspots_are_separated_local_maxima_highest_first():
+    from wsi_ad.heatmap import hotspots
+
+    heatmap = _bumps_heatmap()
+    spots = hotspots(heatmap, 5)
+    # the peak at (10, 15) lies 3 cells (187 µm) from the stronger one: the same lesion, not a hotspot of its own
+    assert [(s["row"], s["col"]) for s in spots[:2]] == [(10, 12), (30, 45)]
+    assert spots[0]["rank"] == 1 and spots[0]["score"] == pytest.approx(float(np.nanmax(heatmap.values)))
+    assert (spots[0]["x"], spots[0]["y"]) == (100.0 + 12 * 256, 50.0 + 10 * 256)
+    assert (spots[0]["centre_x"], spots[0]["centre_y"]) == (100.0 + 12 * 256 + 128, 50.0 + 10 * 256 + 128)
+    assert [s["score"] for s in spots] == sorted((s["score"] for s in spots), reverse=True)
+    assert all(math.isfinite(s["score"]) for s in spots)
+    close = hotspots(heatmap, 5, min_separation_um=0.0)          # every strict local maximum
+    assert (10, 15) in [(s["row"], s["col"]) for s in close]
+    assert hotspots(Heatmap(values=np.full((3, 3), np.nan, np.float32), level0_per_cell=(256, 256),
+                            tile0=(256, 256), mpp_x=0.243, mpp_y=0.243)) == []
+    flat = hotspots(Heatmap(values=np.ones((3, 3), np.float32), level0_per_cell=(256, 256), tile0=(256, 256),
+                            mpp_x=0.243, mpp_y=0.243))
+    assert [(s["row"], s["col"]) for s in flat] == [(0, 0)]
+    with pytest.raises(HeatmapError):
+        hotspots(heatmap, 0)
+
+
+def test_a_layer_tile_is_the_matching_crop_of_the_layer_drawn_whole(scored):
+    """The ``origin`` of the deep-zoom layer functions: a tile drawn on its own equals the same pixels of the whole
+    image (heatmap with its tissue mask, tissue mask, outlines)."""
+    from wsi_ad.overlay import heatmap_layer, outline_layer, tissue_layer
+
+    heatmap, store = scored["tumor_heatmap"], scored["tumor_store"]
+    mask = load_tissue_mask(store)
+    scale = ScoreScale(float(np.nanmin(heatmap.values)), float(np.nanmax(heatmap.values)))
+    per_px, whole_size = (8.0, 8.0), (1024, 1024)          # the 8192 px slide at 1/8
+    mpp = (heatmap.mpp_x, heatmap.mpp_y)
+    whole = {"heatmap": heatmap_layer(heatmap, scale, (0, 0), whole_size, per_px, tissue_mask=mask),
+             "tissue": tissue_layer(mask, mpp, (0, 0), whole_size, per_px),
+             "outlines": outline_layer(scored["annotations"], (0, 0), whole_size, per_px)}
+    x0, y0, w, h = 384, 512, 256, 200
+    origin = (x0 * 8.0, y0 * 8.0)
+    tile = {"heatmap": heatmap_layer(heatmap, scale, origin, (w, h), per_px, tissue_mask=mask),
+            "tissue": tissue_layer(mask, mpp, origin, (w, h), per_px),
+            "outlines": outline_layer(scored["annotations"], origin, (w, h), per_px)}
+    for name in whole:
+        assert tile[name].shape == (h, w, 4)
+        crop = whole[name][y0:y0 + h, x0:x0 + w]
+        if name == "outlines":          # PIL's wide lines are not shift-exact where they enter the image: a few pixels
+            assert (tile[name] != crop).any(axis=-1).mean() < 1e-3
+        else:
+            np.testing.assert_array_equal(tile[name], crop, err_msg=name)
+    assert (whole["heatmap"][..., 3] == 255).any() and (whole["heatmap"][..., 3] == 0).any()
+    assert (whole["outlines"][..., 3] == 255).any()
+    # the heatmap layer shows heat where the thumbnail overlay does
+    expected = np.isfinite(heatmap_on_thumbnail(heatmap, whole_size, per_px)) & tissue_on_thumbnail(
+        mask, whole_size, per_px, mpp)
+    np.testing.assert_array_equal(whole["heatmap"][..., 3] == 255, expected)

@@ -308,6 +308,56 @@ class Heatmap:
         }
 
 
+#: Least distance (µm) between two hotspots of :func:`hotspots`: about one 10x field of a 256 px tile, so that
+#: neighbouring cells of one lesion count as one hotspot.
+DEFAULT_HOTSPOT_SEPARATION_UM = 250.0
+
+
+def hotspots(heatmap: Heatmap, n: int = 10, *, min_separation_um: float = DEFAULT_HOTSPOT_SEPARATION_UM,
+             edge_cells: int = DEFAULT_EDGE_CELLS) -> list[dict[str, Any]]:
+    """The ``n`` highest local maxima ("hotspots") of a heatmap, highest first, at least ``min_separation_um``
+    apart (scikit-image's ``peak_local_max``; a cell only counts as a peak when it is the highest within that
+    distance, so a large lesion gives one hotspot, not its ``n`` hottest neighbouring cells).
+
+    Every scored cell is a candidate, the tissue rim included (metastases often start in the subcapsular
+    sinus); ``interior`` says whether the cell lies in the interior the slide score is taken over
+    (:func:`interior_cells` with ``edge_cells``).
+
+    Returns one dict a hotspot: ``rank`` (1 = highest), ``score`` (the cell's value), ``row``, ``col`` (cell),
+    ``x``, ``y`` (level-0 px, top-left of the cell's tile), ``width``, ``height`` (level-0 px, the tile
+    footprint), ``centre_x``, ``centre_y`` (level-0 px) and ``interior``. Empty when no cell is scored.
+
+    Raises:
+        HeatmapError: ``n`` < 1 or ``min_separation_um`` < 0.
+    """
+    from skimage.feature import peak_local_max
+
+    if not isinstance(n, int | np.integer) or n < 1:
+        raise HeatmapError(f"n must be an integer >= 1, got {n!r}")
+    if not min_separation_um >= 0:
+        raise HeatmapError(f"min_separation_um must be >= 0, got {min_separation_um!r}")
+    values = heatmap.values
+    scored = np.isfinite(values)
+    if not scored.any():
+        return []
+    filled = np.where(scored, values, np.nanmin(values) - 1.0).astype(np.float64)
+    distance = max(1, int(round(min_separation_um / min(heatmap.um_per_cell))))
+    peaks = peak_local_max(filled, min_distance=distance, num_peaks=int(n), exclude_border=False)
+    peaks = [(r, c) for r, c in peaks if scored[r, c]]
+    if not peaks:                          # a flat heatmap has no strict maximum: its first highest cell
+        peaks = [np.unravel_index(int(np.nanargmax(values)), values.shape)]
+    peaks.sort(key=lambda rc: (-float(values[rc[0], rc[1]]), rc[0], rc[1]))
+    interior = interior_cells(values, edge_cells)
+    out = []
+    for rank, (row, col) in enumerate(peaks[:n], start=1):
+        x, y = heatmap.cell_to_level0(row, col)
+        out.append({"rank": rank, "score": float(values[row, col]), "row": int(row), "col": int(col),
+                    "x": float(x), "y": float(y), "width": heatmap.tile0[0], "height": heatmap.tile0[1],
+                    "centre_x": float(x) + heatmap.tile0[0] / 2, "centre_y": float(y) + heatmap.tile0[1] / 2,
+                    "interior": bool(interior[row, col])})
+    return out
+
+
 def _json_float(value: float) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 

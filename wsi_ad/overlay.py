@@ -17,6 +17,7 @@ every array here has the thumbnail's size (the default thumbnail's longest side 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -109,43 +110,47 @@ def level0_per_thumbnail_px(slide_dimensions: tuple[int, int], thumbnail_size: t
     return slide_dimensions[0] / thumbnail_size[0], slide_dimensions[1] / thumbnail_size[1]
 
 
-def cell_index_maps(heatmap: Heatmap, size: tuple[int, int], level0_per_px: tuple[float, float]
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def cell_index_maps(heatmap: Heatmap, size: tuple[int, int], level0_per_px: tuple[float, float],
+                    origin: tuple[float, float] = (0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:
     """Which heatmap row each thumbnail row shows and which column each thumbnail column shows.
 
-    ``size`` is the thumbnail (width, height). Returns ``(row_of_y (height,), col_of_x (width,))`` int64,
-    -1 where the pixel centre lies in no cell (outside the grid, or in a gap between tiles).
+    ``size`` is the thumbnail (width, height); ``origin`` the level-0 (x, y) of its top-left corner (not 0 for
+    one tile of a deep-zoom pyramid). Returns ``(row_of_y (height,), col_of_x (width,))`` int64, -1 where the
+    pixel centre lies in no cell (outside the grid, or in a gap between tiles).
     """
-    def axis(n: int, per_px: float, origin: float, stride: float, tile: float, cells: int) -> np.ndarray:
-        centre = (np.arange(n, dtype=np.float64) + 0.5) * per_px - origin
+    def axis(n: int, per_px: float, start: float, grid_origin: float, stride: float, tile: float,
+             cells: int) -> np.ndarray:
+        centre = (np.arange(n, dtype=np.float64) + 0.5) * per_px + start - grid_origin
         index = np.floor(centre / stride).astype(np.int64)
         inside = (index >= 0) & (index < cells) & (centre - index * stride < tile)
         return np.where(inside, index, -1)
 
     rows, cols = heatmap.shape
-    col_of_x = axis(size[0], level0_per_px[0], heatmap.origin_level0[0], heatmap.level0_per_cell[0],
+    col_of_x = axis(size[0], level0_per_px[0], origin[0], heatmap.origin_level0[0], heatmap.level0_per_cell[0],
                     heatmap.tile0[0], cols)
-    row_of_y = axis(size[1], level0_per_px[1], heatmap.origin_level0[1], heatmap.level0_per_cell[1],
+    row_of_y = axis(size[1], level0_per_px[1], origin[1], heatmap.origin_level0[1], heatmap.level0_per_cell[1],
                     heatmap.tile0[1], rows)
     return row_of_y, col_of_x
 
 
-def heatmap_on_thumbnail(heatmap: Heatmap, size: tuple[int, int], level0_per_px: tuple[float, float]) -> np.ndarray:
-    """The heatmap resampled (nearest cell) onto a thumbnail of ``size`` = (width, height): (height, width)
-    float32 scores, NaN where no cell or no score."""
-    row_of_y, col_of_x = cell_index_maps(heatmap, size, level0_per_px)
+def heatmap_on_thumbnail(heatmap: Heatmap, size: tuple[int, int], level0_per_px: tuple[float, float],
+                         origin: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """The heatmap resampled (nearest cell) onto an image of ``size`` = (width, height) whose top-left is level-0
+    ``origin``: (height, width) float32 scores, NaN where no cell or no score."""
+    row_of_y, col_of_x = cell_index_maps(heatmap, size, level0_per_px, origin)
     padded = np.full((heatmap.shape[0] + 1, heatmap.shape[1] + 1), np.nan, dtype=np.float32)
     padded[:-1, :-1] = heatmap.values
     return padded[row_of_y[:, None], col_of_x[None, :]]        # index -1 hits the NaN padding
 
 
 def tissue_on_thumbnail(mask: TissueMask, size: tuple[int, int], level0_per_px: tuple[float, float],
-                        slide_mpp: tuple[float, float]) -> np.ndarray:
-    """A tissue mask resampled (nearest) onto a thumbnail of ``size`` = (width, height): (height, width) bool."""
+                        slide_mpp: tuple[float, float], origin: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """A tissue mask resampled (nearest) onto an image of ``size`` = (width, height) whose top-left is level-0
+    ``origin``: (height, width) bool."""
     per_mask_x, per_mask_y = mask.mpp / slide_mpp[0], mask.mpp / slide_mpp[1]
     h_m, w_m = mask.mask.shape
-    cx = np.floor((np.arange(size[0]) + 0.5) * level0_per_px[0] / per_mask_x).astype(np.int64)
-    cy = np.floor((np.arange(size[1]) + 0.5) * level0_per_px[1] / per_mask_y).astype(np.int64)
+    cx = np.floor(((np.arange(size[0]) + 0.5) * level0_per_px[0] + origin[0]) / per_mask_x).astype(np.int64)
+    cy = np.floor(((np.arange(size[1]) + 0.5) * level0_per_px[1] + origin[1]) / per_mask_y).astype(np.int64)
     ok_x, ok_y = (cx >= 0) & (cx < w_m), (cy >= 0) & (cy < h_m)
     out = np.asarray(mask.mask, dtype=bool)[np.clip(cy, 0, h_m - 1)[:, None], np.clip(cx, 0, w_m - 1)[None, :]]
     return out & ok_y[:, None] & ok_x[None, :]
@@ -153,34 +158,40 @@ def tissue_on_thumbnail(mask: TissueMask, size: tuple[int, int], level0_per_px: 
 
 # -- drawing ---------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=16)
 def colormap_lut(cmap: str = "inferno") -> np.ndarray:
-    """(256, 3) uint8 RGB lookup table of a matplotlib colour map (index = round(normalized score * 255))."""
+    """(256, 3) uint8 RGB lookup table of a matplotlib colour map (index = round(normalized score * 255));
+    read-only (cached: every deep-zoom tile of the viewer asks for it)."""
     import matplotlib
 
     try:
         colormap = matplotlib.colormaps[cmap]
     except KeyError as exc:
         raise OverlayError(f"unknown colour map {cmap!r}") from exc
-    return np.round(colormap(np.linspace(0.0, 1.0, 256))[:, :3] * 255).astype(np.uint8)
+    lut = np.round(colormap(np.linspace(0.0, 1.0, 256))[:, :3] * 255).astype(np.uint8)
+    lut.setflags(write=False)
+    return lut
 
 
 def draw_outlines(image: np.ndarray, annotations: Sequence, level0_per_px: tuple[float, float],
-                  width: int | None = None) -> np.ndarray:
-    """Draw annotation outlines (tumour green, exclusion blue) on an (H, W, 3) uint8 image; returns a new array.
+                  width: int | None = None, origin: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """Draw annotation outlines (tumour green, exclusion blue) on an (H, W, 3) or (H, W, 4) uint8 image whose
+    top-left is level-0 ``origin``; returns a new array (outlines opaque on an RGBA image).
 
-    Vertices are level-0 (x, y); pixel (i, j) covers level-0 ``[j*px, (j+1)*px)``, so a vertex lands at
-    ``x / px - 0.5`` in PIL's pixel-centre coordinates.
+    Vertices are level-0 (x, y); pixel (i, j) covers level-0 ``[ox + j*px, ox + (j+1)*px)``, so a vertex lands
+    at ``(x - ox) / px - 0.5`` in PIL's pixel-centre coordinates.
     """
     if width is None:
         width = max(1, round(max(image.shape[:2]) / 700))
     canvas = Image.fromarray(np.ascontiguousarray(image))
     draw = ImageDraw.Draw(canvas)
+    opaque = (255,) if canvas.mode == "RGBA" else ()
     for annotation in annotations:
         xy = np.asarray(annotation.vertices, dtype=np.float64)
         if len(xy) < 2:
             continue
-        points = [(x / level0_per_px[0] - 0.5, y / level0_per_px[1] - 0.5) for x, y in xy]
-        draw.line(points + points[:1], fill=OUTLINE_COLORS.get(annotation.kind, (255, 255, 0)), width=width,
+        points = [((x - origin[0]) / level0_per_px[0] - 0.5, (y - origin[1]) / level0_per_px[1] - 0.5) for x, y in xy]
+        draw.line(points + points[:1], fill=OUTLINE_COLORS.get(annotation.kind, (255, 255, 0)) + opaque, width=width,
                   joint="curve")
     return np.asarray(canvas)
 
@@ -317,3 +328,43 @@ def write_overlay(path: str | os.PathLike, slide: Slide | str | os.PathLike, hea
                   **kwargs) -> Path:
     """Render (:func:`render_overlay`, same keyword arguments) and write the overlay as PNG, atomically."""
     return write_png_atomic(path, render_overlay(slide, heatmap, scale, **kwargs))
+
+
+# -- deep-zoom layers (``wsi-ad view``) ---------------------------------------------------------------
+# Each renders one image of ``size`` = (width, height) pixels whose top-left is level-0 ``origin`` (x, y), at
+# ``level0_per_px`` level-0 pixels per image pixel: one tile of a deep-zoom pyramid laid over the slide's own.
+# Transparent where the layer has nothing to show, so the slide stays visible below.
+
+def heatmap_layer(heatmap: Heatmap, scale: ScoreScale, origin: tuple[float, float], size: tuple[int, int],
+                  level0_per_px: tuple[float, float], *, tissue_mask: TissueMask | None = None,
+                  cmap: str = "inferno") -> np.ndarray:
+    """The heatmap on the cohort colour scale as (height, width, 4) uint8 RGBA: opaque colour where a scored cell
+    covers the pixel centre (and, with ``tissue_mask``, the mask says tissue, as on the overlays), transparent
+    elsewhere. The viewer sets the opacity. Same cell geometry as :func:`heatmap_on_thumbnail`."""
+    values = heatmap_on_thumbnail(heatmap, size, level0_per_px, origin)
+    show = np.isfinite(values)
+    if tissue_mask is not None:
+        show &= tissue_on_thumbnail(tissue_mask, size, level0_per_px, (heatmap.mpp_x, heatmap.mpp_y), origin)
+    out = np.zeros((size[1], size[0], 4), dtype=np.uint8)
+    index = np.round(scale.normalize(values[show]) * 255).astype(np.intp)
+    out[show, :3] = colormap_lut(cmap)[index]
+    out[show, 3] = 255
+    return out
+
+
+def tissue_layer(mask: TissueMask, slide_mpp: tuple[float, float], origin: tuple[float, float], size: tuple[int, int],
+                 level0_per_px: tuple[float, float], color: tuple[int, int, int, int] = (0, 170, 255, 90)
+                 ) -> np.ndarray:
+    """The tissue mask as (height, width, 4) uint8 RGBA: ``color`` (translucent) on tissue, transparent off it."""
+    tissue = tissue_on_thumbnail(mask, size, level0_per_px, slide_mpp, origin)
+    out = np.zeros((size[1], size[0], 4), dtype=np.uint8)
+    out[tissue] = color
+    return out
+
+
+def outline_layer(annotations: Sequence, origin: tuple[float, float], size: tuple[int, int],
+                  level0_per_px: tuple[float, float], width: int = 2) -> np.ndarray:
+    """Annotation outlines (tumour green, exclusion blue), ``width`` image pixels wide whatever the zoom, on a
+    transparent (height, width, 4) uint8 RGBA image."""
+    blank = np.zeros((size[1], size[0], 4), dtype=np.uint8)
+    return draw_outlines(blank, annotations, level0_per_px, width=width, origin=origin)
