@@ -17,6 +17,7 @@ Every step resumes: a second ``wsi-ad demo --out`` on the same folder reuses wha
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -107,4 +108,5 @@ def run_demo(out: str | Path, *, seed: int = 0, workers: int | None = None, echo
     echo(f"Slide-level ROC AUC on the synthetic test slides: {auc:.3f}" if auc is not None
          else "Slide-level ROC AUC: not defined (one class only)")
     echo(f"Report: {result.report_html}   ({summary['total_seconds']:.0f} s in all)")
+    echo(f"Look at it in the browser (deep zoom, heatmap, hotspots): wsi-ad view {shlex.quote(str(out / 'run'))}")
     return summary

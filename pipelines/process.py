@@ -224,9 +224,10 @@ def _execute(items: list[Path], kind: str, out: str | Path, batch: BatchConfig, 
             where = info.address if not info.local else f"local cluster, {info.n_workers} workers"
             gpu = f", {info.gpu_workers} GPU worker(s) for scoring" if info.gpu_workers else ""
             _say(echo, f"{len(items)} {'stores' if kind == 'stores' else 'slides'} → {out} ({where}{gpu})")
-            results = _run_graph(client, info, items, out, batch, echo, kind)
+            results, scale = _run_graph(client, info, items, out, batch, echo, kind)
         metrics = write_report(out, results, labels=batch.labels, model=batch.model,
-                               seconds=time.perf_counter() - started)
+                               seconds=time.perf_counter() - started, scale=scale,
+                               annotations_dir=batch.annotations_dir)
     finally:
         run_log.removeHandler(handler)
         handler.close()
@@ -241,7 +242,9 @@ def _execute(items: list[Path], kind: str, out: str | Path, batch: BatchConfig, 
 
 
 def _run_graph(client, info, slides: list[Path], out: Path, batch: BatchConfig, echo, kind: str = "slides"
-               ) -> list[dict]:
+               ) -> tuple[list[dict], object]:
+    """Every slide's final result (in ``slides`` order) and the run's cohort colour scale (None without a model or
+    when it could not be computed)."""
     from distributed import as_completed
 
     run_id = uuid.uuid4().hex[:6]
@@ -290,6 +293,7 @@ def _run_graph(client, info, slides: list[Path], out: Path, batch: BatchConfig, 
     final = _watch(client, as_completed(submitted), task_of, chains, slides, batch, echo,
                    follow if model is not None else None)
     results = [final[slide_id_of(path)] for path in slides]
+    scale = None
     if model is not None and not (batch.fail_fast and any(r["status"] == "failed" for r in results)):
         try:
             scale = client.submit(cohort_scale_of, results, key=f"cohort-scale-{run_id}", pure=False,
@@ -317,7 +321,7 @@ def _run_graph(client, info, slides: list[Path], out: Path, batch: BatchConfig, 
             pending = {sid: f for sid, f in last.items() if not isinstance(f, dict)}
             final = _watch(client, as_completed(submitted[first:]), task_of, pending, slides, batch, echo)
             results = [final[sid] if sid in pending else last[sid] for sid in map(slide_id_of, slides)]
-    return results
+    return results, scale
 
 
 #: Tasks without a progress line of their own (the scoring step's plan and ranges: its finish has one).
