@@ -46,6 +46,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port, 0-65535 (0: any free port), got {value}")
+    return value
+
+
 def _mpp(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -180,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     norm.set_defaults(handler=_cmd_normalize_tiles)
 
     view = sub.add_parser(
-        "view", help="open a run in the browser: deep zoom of the slides with heatmap, outlines, hotspots",
+        "view", help="serve a run as a local web page: deep zoom of the slides with heatmap, outlines, hotspots",
         description="Serve RUN_DIR (the --out of `wsi-ad process --model` or `wsi-ad score`) as a local web page: "
                     "the slide list (sortable) with the ROC curve when the run had labels, and per slide a deep-zoom "
                     "view of the real slide pixels with the heatmap (cohort colour scale, adjustable opacity), the "
@@ -188,13 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "and the slide files; a missing slide file shows its stored thumbnail. No authentication: it "
                     "listens on this machine only (127.0.0.1) unless --host says otherwise.")
     view.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run folder (holds report.json)")
-    view.add_argument("--port", type=_positive_int, default=8000, help="TCP port (default: %(default)s; 0: any free port)")
+    view.add_argument("--port", type=_port, default=8000, help="TCP port (default: %(default)s; 0: any free port)")
     view.add_argument("--host", default=None,
                       help="address to listen on (default: 127.0.0.1, this machine only); another address serves the "
                            "slides to anyone who can reach it, without authentication, and prints a warning")
-    view.add_argument("--hotspots", type=_positive_int, default=10, help="hotspots listed per slide (default: %(default)s)")
+    view.add_argument("--hotspots", type=_at_least_one, default=10,
+                      help="hotspots listed per slide (default: %(default)s)")
     view.add_argument("--annotations", type=Path, default=None,
                       help="folder of <slide_id>.xml ASAP lesion outlines (default: the run's own --annotations)")
+    view.add_argument("--slides", type=Path, default=None, metavar="DIR",
+                      help="where slide files that moved since the run are now (found by file name)")
     view.set_defaults(handler=_cmd_view)
 
     info = sub.add_parser("info", help="print a slide's resolution, levels and where its µm/px came from")
@@ -341,15 +358,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_view(args: argparse.Namespace) -> int:
-    from pipelines.viewer import is_loopback, serve
+    from pipelines.viewer import serve
 
-    host = args.host if args.host is not None else "127.0.0.1"
-    if not is_loopback(host):
-        print(f"wsi-ad view: warning: listening on {host}, not only on this machine: anyone who reaches it on port "
-              f"{args.port} sees these slides and scores; there is no authentication", file=sys.stderr)
-    if args.hotspots < 1:
-        raise WsiAdError("--hotspots must be at least 1")
-    serve(args.run_dir, host=host, port=args.port, n_hotspots=args.hotspots, annotations_dir=args.annotations)
+    serve(args.run_dir, host=args.host if args.host is not None else "127.0.0.1", port=args.port,
+          n_hotspots=args.hotspots, annotations_dir=args.annotations, slides_dir=args.slides)
     return 0
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -108,5 +109,7 @@ def run_demo(out: str | Path, *, seed: int = 0, workers: int | None = None, echo
     echo(f"Slide-level ROC AUC on the synthetic test slides: {auc:.3f}" if auc is not None
          else "Slide-level ROC AUC: not defined (one class only)")
     echo(f"Report: {result.report_html}   ({summary['total_seconds']:.0f} s in all)")
-    echo(f"Look at it in the browser (deep zoom, heatmap, hotspots): wsi-ad view {shlex.quote(str(out / 'run'))}")
+    command = sys.argv[0] if Path(sys.argv[0]).name == "wsi-ad" else "wsi-ad"     # .venv/bin/wsi-ad after `make demo`
+    echo(f"Look at it in the browser (deep zoom, heatmap, hotspots): {shlex.quote(command)} view "
+         f"{shlex.quote(str(out / 'run'))}")
     return summary

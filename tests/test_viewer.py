@@ -170,9 +170,70 @@ def test_a_missing_slide_file_shows_the_stored_thumbnail_with_a_notice(viewer_ru
     assert client.get("/slide/tumor_103/layers/heatmap_files/9/1_1.png").status_code == 200
 
 
-def test_view_refuses_a_folder_that_is_no_run(tmp_path, capsys):
+def _copy_run(viewer_run: Path, to: Path, edit=None) -> Path:
+    """A copy of the run (its stores included) whose report.json ``edit(report)`` may change."""
+    shutil.copytree(viewer_run, to, symlinks=True)
+    report = json.loads((to / "report.json").read_text())
+    if edit is not None:
+        edit(report)
+    (to / "report.json").write_text(json.dumps(report))
+    return to
+
+
+def test_damaged_inputs_give_notices_not_errors(viewer_run, tmp_path):
+    """Found by a fresh user: a damaged store, an unreadable slide file, a missing annotation folder."""
+    def edit(report):
+        report["annotations_dir"] = str(tmp_path / "moved_away")
+    run_dir = _copy_run(viewer_run, tmp_path / "run", edit)
+    store = run_dir / "tumor_103.zarr"
+    (chunk,) = [p for p in store.glob("heatmap/*/heatmap/c/*/*") if p.is_file()]
+    chunk.write_bytes(b"\x00not zstd")                                     # damaged heatmap
+    (store / "tissue" / "mask" / "zarr.json").write_text("{bad")           # damaged tissue mask
+    (run_dir / "normal_102.zarr" / "zarr.json").write_text("garbage{")      # damaged store
+    client = create_app(RunView(run_dir)).test_client()
+    page = client.get("/slide/tumor_103")
+    assert page.status_code == 200
+    text = page.get_data(as_text=True)
+    assert "the heatmap cannot be read from the store" in text and "the tissue mask cannot be read" in text
+    assert "the annotation folder" in text and "is missing" in text
+    assert client.get("/slide/tumor_103/slide_files/13/10_12.jpeg").status_code == 200     # the slide still shows
+    info = client.get("/slide/normal_102/info.json").get_json()
+    assert any("the slide store" in n and "cannot be read" in n for n in info["notices"])
+    assert info["slide_dzi"] and not info["layers"]
+    broken = client.get("/slide/broken_105/info.json").get_json()          # the corrupt file still exists
+    assert broken["slide_dzi"] is None and broken["notices"][0].startswith("this slide failed at preprocess")
+    assert any("OpenSlide cannot read the slide file" in n for n in broken["notices"])
+
+
+def test_a_copied_run_reads_its_own_stores(viewer_run, tmp_path):
+    run_dir = _copy_run(viewer_run, tmp_path / "copy")
+    shutil.rmtree(run_dir / "tumor_103.zarr")
+    run = RunView(run_dir)
+    assert run.slide("normal_102").store == run_dir / "normal_102.zarr"
+    tumor = run.slide("tumor_103")        # gone from the copy: read where the run wrote it, and said so
+    assert tumor.store == viewer_run / "tumor_103.zarr"
+    assert any(f"read from {viewer_run / 'tumor_103.zarr'}, in the folder the run was written to" in n
+               for n in tumor.notices)
+    assert not any("store" in n for n in run.slide("normal_102").notices)
+
+
+def test_malformed_reports_and_bad_arguments_are_refused(viewer_run, tmp_path, capsys):
     assert main(["view", str(tmp_path), "--port", "0"]) == 2
     assert "no report.json" in capsys.readouterr().err
+    assert main(["view", str(tmp_path / "nope"), "--port", "0"]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    for slides in (None, [{"status": "ok"}], "x"):
+        (tmp_path / "report.json").write_text(json.dumps({"slides": slides}))
+        with pytest.raises(ViewerError, match="not a wsi-ad run report"):
+            RunView(tmp_path)
+    with pytest.raises(ViewerError, match="--annotations .*no such folder"):
+        RunView(viewer_run, annotations_dir=tmp_path / "nope")
+    assert RunView(viewer_run / "report.json").run_dir == viewer_run          # the report itself named
+    for argv in (["--port", "99999"], ["--hotspots", "0"], ["--port", "-1"]):
+        with pytest.raises(SystemExit):
+            main(["view", str(viewer_run), *argv])
+    assert main(["view", str(viewer_run), "--port", "0", "--host", "no.such.host.invalid"]) == 2
+    assert "--host no.such.host.invalid" in capsys.readouterr().err
 
 
 def test_loopback_addresses():
@@ -251,7 +312,7 @@ def test_the_viewer_in_a_real_browser(viewer_run):
             assert "failed at preprocess" in page.locator("tr[data-slide='broken_105']").inner_text()
             page.locator("#slides th", has_text="slide score").click()
             order = page.eval_on_selector_all("#slides tbody tr", "rows => rows.map(r => r.dataset.slide)")
-            assert order == ["normal_102", "tumor_103", "broken_105"]      # low to high, unscored last
+            assert order == ["tumor_103", "normal_102", "broken_105"]      # highest first, unscored last
 
             # a slide: deep-zoom tiles of the real pixels arrive as images
             page.locator("a", has_text="tumor_103").click()
@@ -295,4 +356,5 @@ def test_a_non_loopback_host_is_served_with_a_warning(viewer_run):
     proc, url = _start_view(viewer_run, "--host", "0.0.0.0")
     err = _stop(proc)
     assert url.startswith("http://0.0.0.0:")
-    assert "warning: listening on 0.0.0.0" in err and "no authentication" in err
+    port = url.rstrip("/").rsplit(":", 1)[1]
+    assert "warning: listening on 0.0.0.0" in err and f"on port {port} " in err and "no authentication" in err

@@ -88,7 +88,12 @@ def create_app(run: RunView) -> Flask:
 
         lut = colormap_lut()
         stops = ", ".join(f"rgb({r},{g},{b}) {i / 10:.0%}" for i, (r, g, b) in enumerate(lut[::255 // 10][:11]))
-        return render_template("slide.html", view=view, info=info, run_dir=run.run_dir, gradient=stops)
+        ids = run.slide_ids()
+        here = ids.index(slide_id)
+        neighbours = {"previous": ids[here - 1] if here > 0 else None,
+                      "next": ids[here + 1] if here + 1 < len(ids) else None}
+        return render_template("slide.html", view=view, info=info, run_dir=run.run_dir, gradient=stops,
+                               neighbours=neighbours)
 
     def slide_info(slide_id: str) -> dict:
         view = run.slide(slide_id)
@@ -155,26 +160,38 @@ def create_app(run: RunView) -> Flask:
 
 
 def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, n_hotspots: int = 10,
-          annotations_dir: str | Path | None = None, tile_cache: int = 4096, echo=print) -> None:
+          annotations_dir: str | Path | None = None, slides_dir: str | Path | None = None, tile_cache: int = 4096,
+          echo=print) -> None:
     """Serve ``run_dir`` on ``host:port`` until interrupted (Ctrl-C). ``port`` 0 picks a free port; the first line
-    printed is ``wsi-ad view: http://HOST:PORT/ ...``. Requests are handled in threads.
+    printed is ``wsi-ad view: http://HOST:PORT/ ...``; a ``host`` that is not loopback gets a warning on stderr
+    (no authentication). Requests are handled in threads.
 
     Raises:
-        ViewerError: ``run_dir`` is not a run folder, or the address cannot be bound (port in use).
+        ViewerError: ``run_dir`` is not a run folder, ``host`` does not resolve, or the address cannot be bound
+            (port in use, not an address of this machine).
     """
     from werkzeug.serving import make_server
 
-    run = RunView(run_dir, annotations_dir=annotations_dir, n_hotspots=n_hotspots, tile_cache=tile_cache)
+    run = RunView(run_dir, annotations_dir=annotations_dir, slides_dir=slides_dir, n_hotspots=n_hotspots,
+                  tile_cache=tile_cache)
     app = create_app(run)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)     # no line per tile request
     try:
+        socket.getaddrinfo(host, port)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ViewerError(f"--host {host}: not an address or a host name this machine can resolve ({exc})") from exc
+    try:
         server = make_server(host, port, app, threaded=True)
-    except (OSError, socket.gaierror, SystemExit) as exc:
-        raise ViewerError(f"cannot serve on {host}:{port} ({exc}); pick another --port (0: any free one)") from exc
+    except (OSError, SystemExit) as exc:          # werkzeug prints its reason and exits on a busy port
+        raise ViewerError(f"cannot listen on {host}:{port} (in use, or not an address of this machine); pick another "
+                          "--port (0: any free one) or --host") from exc
     shown = f"[{host}]" if ":" in host else host
-    echo(f"wsi-ad view: http://{shown}:{server.server_port}/  ({len(run.rows)} slides of {Path(run_dir).resolve()}; "
+    echo(f"wsi-ad view: http://{shown}:{server.server_port}/  ({len(run.rows)} slides of {Path(run.run_dir).resolve()}; "
          "Ctrl-C to stop)")
     sys.stdout.flush()
+    if not is_loopback(host):
+        print(f"wsi-ad view: warning: listening on {host}, not only on this machine: anyone who reaches it on port "
+              f"{server.server_port} sees these slides and scores; there is no authentication", file=sys.stderr)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from wsi_ad.errors import WsiAdError
-from wsi_ad.store import STORE_SUFFIX, SlideStore, StoreError
+from wsi_ad.store import STORE_SUFFIX, SlideStore
 
 #: Edge of a slide tile (px) and its overlap, OpenSlide's deep-zoom defaults (254 + 2 x 1 = 256 px images).
 SLIDE_TILE_PX, SLIDE_TILE_OVERLAP = 254, 1
@@ -98,16 +98,24 @@ class RunView:
     Args:
         run_dir: the folder holding ``report.json``.
         annotations_dir: folder of ``<slide_id>.xml`` lesion outlines; default: the run's ``--annotations``.
+        slides_dir: where to look (by file name) for slide files that are no longer where the run found them.
         n_hotspots: hotspots listed per slide (:func:`wsi_ad.heatmap.hotspots`).
         tile_cache: tiles kept in memory (each cache: slide tiles, layer tiles).
 
     Raises:
-        ViewerError: no ``report.json`` in ``run_dir``, or one that is not a wsi-ad run report.
+        ViewerError: ``run_dir`` missing, without ``report.json`` or with one that is not a wsi-ad run report; an
+            ``annotations_dir`` or ``slides_dir`` given that is not a folder.
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, annotations_dir: str | os.PathLike | None = None,
-                 n_hotspots: int = 10, tile_cache: int = 4096):
-        self.run_dir = Path(run_dir)
+                 slides_dir: str | os.PathLike | None = None, n_hotspots: int = 10, tile_cache: int = 4096):
+        run_dir = Path(run_dir)
+        if run_dir.name == "report.json" and run_dir.is_file():       # the report itself named
+            run_dir = run_dir.parent
+        if not run_dir.is_dir():
+            raise ViewerError(f"{run_dir}: no such folder (give the --out folder of `wsi-ad process --model` or "
+                              "`wsi-ad score`)")
+        self.run_dir = run_dir
         path = self.run_dir / "report.json"
         if not path.is_file():
             raise ViewerError(f"{self.run_dir}: no report.json, so not a wsi-ad run folder (the --out of "
@@ -115,11 +123,18 @@ class RunView:
         try:
             self.report = json.loads(path.read_text(encoding="utf-8"))
             rows = self.report["slides"]
+            if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("slide_id"), str)
+                                                     for r in rows):
+                raise TypeError("'slides' must be a list of rows, each with a slide_id")
         except (ValueError, KeyError, TypeError) as exc:
             raise ViewerError(f"{path}: not a wsi-ad run report ({exc})") from exc
         self.rows = {row["slide_id"]: row for row in rows}
+        for name, folder in (("--annotations", annotations_dir), ("--slides", slides_dir)):
+            if folder is not None and not Path(folder).is_dir():
+                raise ViewerError(f"{name} {folder}: no such folder")
         chosen = annotations_dir if annotations_dir is not None else self.report.get("annotations_dir")
         self.annotations_dir = Path(chosen) if chosen else None
+        self.slides_dir = Path(slides_dir) if slides_dir is not None else None
         self.n_hotspots = int(n_hotspots)
         self._lock = threading.Lock()
         self._slides: dict[str, SlideView] = {}
@@ -173,55 +188,99 @@ class RunView:
             return self._slides[slide_id]
 
     def _store_path(self, row: dict) -> Path | None:
-        for candidate in (row.get("store"), self.run_dir / f"{row['slide_id']}{STORE_SUFFIX}"):
+        """The slide's store: in this run folder when it is there (a moved or copied run reads its own stores), else
+        where the report says (``wsi-ad score`` leaves the stores where they were)."""
+        for candidate in (self.run_dir / f"{row['slide_id']}{STORE_SUFFIX}", row.get("store")):
             if candidate and Path(candidate).is_dir():
                 return Path(candidate)
         return None
 
+    def _slide_file(self, row: dict, notices: list[str]) -> Path | None:
+        """The slide file if OpenSlide can open it (else None, with a notice saying why)."""
+        import openslide
+
+        recorded = Path(row["slide"]) if row.get("slide") else None
+        path = recorded if recorded is not None and recorded.is_file() else None
+        if path is None and recorded is not None and self.slides_dir is not None:
+            moved = self.slides_dir / recorded.name
+            path = moved if moved.is_file() else None
+        if path is None:
+            where = f" or in {self.slides_dir}" if self.slides_dir is not None else " (--slides DIR says where it is now)"
+            notices.append(f"the slide file is missing ({row.get('slide')}: moved or deleted{where}): showing the "
+                           "stored thumbnail (the tissue-mask QC image; its green line is the tissue outline) instead "
+                           "of the slide's own pixels")
+            return None
+        try:
+            openslide.OpenSlide(str(path)).close()
+        except (openslide.OpenSlideError, OSError) as exc:
+            notices.append(f"OpenSlide cannot read the slide file {path} ({exc or type(exc).__name__})")
+            return None
+        return path
+
     def _load(self, row: dict) -> SlideView:
-        from wsi_ad.heatmap import hotspots, load_heatmap
-        from wsi_ad.preprocess import load_tissue_mask
 
         sid = row["slide_id"]
         notices = []
+        if row.get("status") == "failed":
+            notices.append(f"this slide failed at {row.get('failed_task')}: {row.get('error')}")
+        notices.extend(f"warning: {w}" for w in row.get("warnings") or [])
         store_path, store, attrs = self._store_path(row), None, {}
         if store_path is not None:
             try:
                 store = SlideStore.open(store_path)
                 attrs = dict(store.root.attrs)
-            except StoreError as exc:
-                notices.append(f"the slide store cannot be read ({exc})")
+            except Exception as exc:      # a damaged store (zarr / JSON errors): say so, show what else there is
+                store = None
+                notices.append(f"the slide store {store_path} cannot be read ({type(exc).__name__}: {exc})")
+            out = Path(self.report["out"]).resolve() if self.report.get("out") else None
+            if out is not None and out != self.run_dir.resolve() and store_path.resolve().parent == out:
+                notices.append(f"this slide's store is not in {self.run_dir}: read from {store_path}, in the folder "
+                               "the run was written to")
         elif row.get("status") == "ok":
             notices.append(f"the slide store is missing ({row.get('store')}): no heatmap, mask or hotspots")
         width, height = (attrs.get("level_dimensions") or [[row.get("width"), row.get("height")]])[0]
         mpp = (attrs["mpp_x"], attrs["mpp_y"]) if attrs.get("mpp_x") else (
             (row["mpp"], row["mpp"]) if row.get("mpp") else None)
-        slide_path = Path(row["slide"]) if row.get("slide") else None
-        if slide_path is not None and not slide_path.is_file():
-            slide_path = None
+        slide_path = self._slide_file(row, notices)
         source = attrs.get("source") or {}
-        if slide_path is None:
-            notices.append(f"the slide file is missing ({row.get('slide')}: moved or deleted): showing the "
-                           "stored thumbnail instead of the slide's own pixels")
-        elif source.get("size") is not None and os.stat(slide_path).st_size != source["size"]:
+        if slide_path is not None and source.get("size") is not None and os.stat(slide_path).st_size != source["size"]:
             notices.append(f"the slide file {slide_path} changed since it was processed (size "
                            f"{os.stat(slide_path).st_size} bytes, was {source['size']}): the heatmap may not match it")
+        if slide_path is not None and not (width and height):       # no store: the file's own size
+            import openslide
+
+            with openslide.OpenSlide(str(slide_path)) as osr:
+                width, height = osr.dimensions
         view = SlideView(sid, row, int(width or 0), int(height or 0), mpp, slide_path, store_path, notices=notices)
-        if row.get("status") == "failed":
-            notices.insert(0, f"this slide failed at {row.get('failed_task')}: {row.get('error')}")
         if store is not None:
+            self._load_stages(view, store)
+        self._load_thumbnail(view)
+        self._load_annotations(view)
+        if not view.width or not view.height:
+            notices.append("nothing to show: neither a readable slide store nor a readable slide file")
+        return view
+
+    def _load_stages(self, view: SlideView, store: SlideStore) -> None:
+        """The heatmap (and its hotspots) and the tissue mask, each on its own: a damaged one gets a notice."""
+        from wsi_ad.heatmap import hotspots, load_heatmap
+        from wsi_ad.preprocess import load_tissue_mask
+
+        row, notices = view.row, view.notices
+        try:
             if row.get("model_id") and store.is_complete(f"heatmap/{row['model_id']}"):
                 view.heatmap = load_heatmap(store, row["model_id"])
                 view.hotspots = hotspots(view.heatmap, self.n_hotspots)
             elif row.get("status") == "ok":
-                notices.append("no heatmap in the store: the slide was not scored in this run")
+                why = ("the slide has no tiles" if row.get("n_tiles") == 0 else "the slide was not scored in this run")
+                notices.append(f"no heatmap: {why}")
+        except Exception as exc:
+            view.heatmap, view.hotspots = None, []
+            notices.append(f"the heatmap cannot be read from the store ({type(exc).__name__}: {exc})")
+        try:
             if store.is_complete("tissue"):
                 view.tissue_mask = load_tissue_mask(store)
-        self._load_thumbnail(view)
-        self._load_annotations(view)
-        if not view.width or not view.height:
-            notices.append("the slide's size is unknown (no store, no slide file): nothing to show")
-        return view
+        except Exception as exc:
+            notices.append(f"the tissue mask cannot be read from the store ({type(exc).__name__}: {exc})")
 
     def _load_thumbnail(self, view: SlideView) -> None:
         candidates = [view.row.get("thumbnail")]
@@ -242,6 +301,10 @@ class RunView:
 
     def _load_annotations(self, view: SlideView) -> None:
         if self.annotations_dir is None:
+            return
+        if not self.annotations_dir.is_dir():
+            view.notices.append(f"the annotation folder {self.annotations_dir} is missing: no lesion outlines shown "
+                                "(--annotations DIR says where it is now)")
             return
         from wsi_ad.annotations import AnnotationError, annotation_file, read_asap_xml
 

@@ -72,6 +72,12 @@
   document.querySelectorAll("button.hotspot").forEach((button) => {
     button.addEventListener("click", () => state.goToHotspot(Number(button.dataset.index)));
   });
+  const hideRim = document.getElementById("hide-rim");
+  if (hideRim) {
+    hideRim.addEventListener("change", () => document.querySelectorAll("li.rim-spot").forEach((li) => {
+      li.hidden = hideRim.checked;
+    }));
+  }
 
   // Pointer position in level-0 pixels.
   const pointer = document.getElementById("pointer");
