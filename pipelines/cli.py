@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"wsi-ad {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages (INFO)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch / numba / BLAS threads of this process (default: every core it may run on; a "
+                             "Dask worker gets its share). Set once at start-up, with passive OpenMP waiting, so two "
+                             "runs on the same cores share them instead of slowing each other 10x")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     demo = sub.add_parser("demo", help="run the whole job on a small synthetic Camelyon16-like dataset")
@@ -213,6 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("--slides", type=Path, default=None, metavar="DIR",
                       help="where slide files that moved since the run are now (found by file name)")
     view.set_defaults(handler=_cmd_view)
+
+    configs = sub.add_parser(
+        "configs", help="list the packaged configs, one line each (use them by name: --config camelyon16_paper)",
+        description="The configs shipped inside the package (wsi_ad/configs/): detector settings (*_cpu for 2 CPU "
+                    "cores, *_paper for the papers' settings on a GPU), the DPA's ablations and the tuning search "
+                    "spaces. Every --config / --space / --tune-space takes a name of this list or a YAML path.")
+    configs.add_argument("--path", action="store_true", help="print each config's file path instead of its summary")
+    configs.set_defaults(handler=_cmd_configs)
 
     info = sub.add_parser("info", help="print a slide's resolution, levels and where its µm/px came from")
     info.add_argument("slides", type=Path, nargs="+", help="slide files")
@@ -365,6 +377,16 @@ def _cmd_view(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_configs(args: argparse.Namespace) -> int:
+    from wsi_ad.config import config_summary, packaged_configs
+
+    shipped = packaged_configs()
+    width = max(map(len, shipped))
+    for name, path in shipped.items():
+        print(f"{name:<{width}}  {path if args.path else config_summary(path)}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
@@ -372,11 +394,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Commands that compute with torch / numba / the BLAS: their threads are sized at start-up (--threads).
+COMPUTE_COMMANDS = frozenset({"demo", "process", "train", "score", "tune", "compare", "evaluate", "normalize-tiles"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from wsi_ad.threads import configure, set_wait_policy
+
+    set_wait_policy()                       # before anything loads torch's OpenMP runtime
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.command in COMPUTE_COMMANDS:
+        log.info("threads: %s", configure(args.threads))
     try:
         return args.handler(args)
     except WsiAdError as exc:

@@ -47,6 +47,8 @@ class ClusterInfo:
     gpu_workers: int
     local: bool
     cpu_workers_marked: bool = False
+    #: each worker's thread pools (:func:`wsi_ad.threads.current`), by worker address, for the run's report
+    worker_threads: dict | None = None
 
     @property
     def score_resources(self) -> dict | None:
@@ -75,14 +77,15 @@ def _cuda_devices() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _set_worker_threads(threads: int, quiet: bool) -> None:
-    """Run on every worker at start: cap torch's intra-op threads (see module docstring); unless verbose,
-    keep the library's warnings off the console (each result carries its slide's warnings)."""
-    import torch
+def _set_worker_threads(threads: int, quiet: bool) -> dict:
+    """Run on every worker at start: size its torch, numba and BLAS threads to its share of the cores
+    (:func:`wsi_ad.threads.configure`, see the module docstring); unless verbose, keep the library's warnings off
+    the console (each result carries its slide's warnings). Returns the worker's thread pools."""
+    from wsi_ad.threads import configure
 
-    torch.set_num_threads(max(1, threads))
     if quiet:
         logging.getLogger("wsi_ad").setLevel(logging.ERROR)
+    return configure(max(1, threads))
 
 
 @contextlib.contextmanager
@@ -91,6 +94,8 @@ def connect(scheduler: str | None = None, *, workers: int | None = None, threads
     """Yield ``(distributed.Client, ClusterInfo)``: a new local cluster (closed on exit) or a client of the
     cluster at ``scheduler`` (left running on exit)."""
     from distributed import Client
+
+    from wsi_ad.threads import current as current_threads
 
     quiet = not logging.getLogger("wsi_ad").isEnabledFor(logging.INFO)
     if quiet:                                       # -v shows Dask's own INFO messages
@@ -101,7 +106,8 @@ def connect(scheduler: str | None = None, *, workers: int | None = None, threads
             info = client.scheduler_info()["workers"]
             gpu = sum(1 for w in info.values() if w.get("resources", {}).get(GPU_RESOURCE, 0) >= 1)
             cpu = any(w.get("resources", {}).get(CPU_RESOURCE, 0) >= 1 for w in info.values())
-            yield client, ClusterInfo(scheduler, len(info), gpu, local=False, cpu_workers_marked=cpu)
+            yield client, ClusterInfo(scheduler, len(info), gpu, local=False, cpu_workers_marked=cpu,
+                                      worker_threads=client.run(current_threads))
         finally:
             client.close()
         return
@@ -115,9 +121,9 @@ def connect(scheduler: str | None = None, *, workers: int | None = None, threads
         cluster = _local_cluster(n_workers, threads, gpus, options)
     client = Client(cluster)
     try:
-        client.run(_set_worker_threads, threads, quiet)
+        pools = client.run(_set_worker_threads, threads, quiet)
         yield client, ClusterInfo(cluster.scheduler_address, len(client.scheduler_info()["workers"]), gpus, local=True,
-                                  cpu_workers_marked=gpus > 0)
+                                  cpu_workers_marked=gpus > 0, worker_threads=pools)
     finally:
         client.close()
         cluster.close()

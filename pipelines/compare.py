@@ -53,10 +53,10 @@ from pathlib import Path
 import numpy as np
 
 from wsi_ad.atomic import write_text_atomic
-from wsi_ad.config import Config, ConfigError
+from wsi_ad.config import Config, ConfigError, packaged_config_dir
 from wsi_ad.errors import WsiAdError
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = packaged_config_dir()
 
 #: The shipped config of each built-in detector, by scale: ``cpu`` (minutes on 2 CPU cores) and ``paper`` (the
 #: published setting, a GPU job).

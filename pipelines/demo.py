@@ -26,19 +26,17 @@ from pathlib import Path
 from pipelines.process import BatchConfig, run_batch
 from wsi_ad.atomic import write_text_atomic
 from wsi_ad.config import Config
-from wsi_ad.errors import WsiAdError
 from wsi_ad.synth import synthesize_dataset
 
 #: Demo dataset size: small enough for a 2-core laptop, big enough to hold 4+ pyramid levels.
 DEMO_SLIDE_SIZE_PX = 12288
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "knn_cpu.yaml"
+#: The demo's model configuration: the packaged ``knn_cpu`` (``wsi_ad/configs/knn_cpu.yaml``).
+DEMO_CONFIG = "knn_cpu"
 
 
 def demo_config() -> Config:
-    """The demo's model configuration (``configs/knn_cpu.yaml``)."""
-    if DEMO_CONFIG.exists():
-        return Config.from_yaml(DEMO_CONFIG)
-    raise WsiAdError(f"{DEMO_CONFIG}: the demo configuration is missing (run the demo from a source checkout)")
+    """The demo's model configuration (the packaged ``knn_cpu``)."""
+    return Config.from_yaml(DEMO_CONFIG)
 
 
 def run_demo(out: str | Path, *, seed: int = 0, workers: int | None = None, echo=print) -> dict:

@@ -76,7 +76,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     tiles = targets.add_parser("tiles", help="tile AUC on a folder of tiles in the anomalib Folder layout")
     tiles.add_argument("dir", type=Path, help="dataset root with test/good and test/<anomalous> (e.g. test/Ungood)")
     tiles.add_argument("--model", type=Path, required=True, help="checkpoint of `wsi-ad train`")
-    tiles.add_argument("--out", type=Path, help="where scores CSV, ROC plot and results JSON go (default: DIR/wsi-ad-eval)")
+    tiles.add_argument("--out", type=Path, help="where scores CSV, ROC plot and results JSON go (default: "
+                       "./<DIR's name>-wsi-ad-eval in the current directory: never inside the dataset, which may be "
+                       "read-only or shared)")
     tiles.add_argument("--image-mpp", type=float, help="µm/px of the tiles, to resize them to the model's magnification")
     tiles.add_argument("--batch-size", type=int, help="tiles per batch (default: 64 on the CPU, 256 on CUDA)")
     tiles.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="scoring device")
@@ -127,19 +129,26 @@ def folder_splits(root: Path) -> dict[str, dict[str, list[Path]]]:
     return splits
 
 
+def default_tiles_out(root: str | Path) -> Path:
+    """Where ``evaluate tiles`` writes without ``--out``: ``./<dataset folder name>-wsi-ad-eval``."""
+    return Path.cwd() / f"{Path(root).resolve().name or 'tiles'}-wsi-ad-eval"
+
+
 def evaluate_tiles(root: str | Path, model: str | Path, out: str | Path | None = None, *, batch_size: int | None = None,
                    device: str = "auto", image_mpp: float | None = None, backbone_weights: str | None = None,
                    echo=print) -> dict:
     """Score every test (and validation) tile and compute the tile-level ROC AUC; writes ``scores_<split>.csv``
-    (path, label, score), ``roc_<split>.png`` and ``results.json`` into ``out``. Returns the results."""
+    (path, label, score), ``roc_<split>.png`` and ``results.json`` into ``out`` (default: ``<root's name>-wsi-ad-eval``
+    in the current directory, never inside the dataset). Returns the results."""
     from pipelines.report import plot_roc
     from wsi_ad.detectors.scorer import load_scorer
     from wsi_ad.metrics import roc_auc, roc_points
     from wsi_ad.scoring import default_batch_size, score_image_folder, write_scores_csv
 
     root = Path(root)
-    out = Path(out) if out is not None else root / "wsi-ad-eval"
     splits = folder_splits(root)
+    out = Path(out) if out is not None else default_tiles_out(root)
+    echo(f"evaluating {root} with {model}; results go to {out}")
     scorer = load_scorer(model, device=None if device == "auto" else device, backbone_weights=backbone_weights)
     batch_size = batch_size or default_batch_size(scorer.device)
     results: dict = {"dataset": str(root), "model": str(model), "model_id": scorer.model_id, "splits": {},

@@ -225,9 +225,12 @@ def _execute(items: list[Path], kind: str, out: str | Path, batch: BatchConfig, 
             gpu = f", {info.gpu_workers} GPU worker(s) for scoring" if info.gpu_workers else ""
             _say(echo, f"{len(items)} {'stores' if kind == 'stores' else 'slides'} → {out} ({where}{gpu})")
             results, scale = _run_graph(client, info, items, out, batch, echo, kind)
+        from wsi_ad.threads import current
+
         metrics = write_report(out, results, labels=batch.labels, model=batch.model,
                                seconds=time.perf_counter() - started, scale=scale,
-                               annotations_dir=batch.annotations_dir)
+                               annotations_dir=batch.annotations_dir,
+                               threads={"main": current(), "workers": info.worker_threads})
     finally:
         run_log.removeHandler(handler)
         handler.close()

@@ -74,11 +74,12 @@ def report_rows(results: list[dict], labels: dict[str, str] | None = None) -> li
 
 def write_report(out: str | Path, results: list[dict], *, labels: str | Path | None = None,
                  model: str | Path | None = None, seconds: float | None = None, scale=None,
-                 annotations_dir: str | Path | None = None) -> dict | None:
+                 annotations_dir: str | Path | None = None, threads: dict | None = None) -> dict | None:
     """Write ``report.json`` and ``report.html`` (and ``roc.png`` with ``labels``) into ``out``.
 
     ``scale`` (the run's cohort :class:`~wsi_ad.overlay.ScoreScale`) and ``annotations_dir`` (the lesion outlines'
-    folder) are recorded for ``wsi-ad view``. Returns the slide-level metrics when labels were given (else None).
+    folder) are recorded for ``wsi-ad view``; ``threads``, the thread pools of this process and of each Dask worker
+    (:mod:`wsi_ad.threads`). Returns the slide-level metrics when labels were given (else None).
     """
     out = Path(out)
     metrics, label_map = None, None
@@ -98,6 +99,7 @@ def write_report(out: str | Path, results: list[dict], *, labels: str | Path | N
         "metrics": metrics,
         "scale": scale.to_dict() if scale is not None else None,
         "annotations_dir": str(Path(annotations_dir).resolve()) if annotations_dir else None,
+        "threads": threads,
         "slides": rows,
     }
     write_text_atomic(out / "report.json", json.dumps(report, indent=2, default=float))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from pipelines.cli import main
 
@@ -42,3 +45,49 @@ def test_synth_writes_the_official_layout(tmp_path, capsys):
     assert "1 normal + 0 tumour training slides" in capsys.readouterr().out
     assert main(["info", str(tmp_path / "training" / "normal" / "normal_001.tif")]) == 0
     assert '"mpp_x": 0.243' in capsys.readouterr().out
+
+
+# -- issue 22: packaged configs by name, threads ------------------------------------------------------------
+
+def test_configs_are_packaged_and_found_by_name_from_anywhere(tmp_path, monkeypatch, capsys):
+    from wsi_ad.config import Config, ConfigError, config_path, packaged_config_dir, packaged_configs
+
+    repo_configs = Path(__file__).resolve().parents[1] / "configs"
+    assert repo_configs.resolve() == packaged_config_dir().resolve()         # the same folder, not a copy
+    shipped = packaged_configs()
+    assert {"camelyon16_paper", "knn_cpu", "tune_space", "ablations/dpa_pg_cpu"} <= set(shipped)
+    monkeypatch.chdir(tmp_path)                                                # outside the checkout
+    for spelling in ("camelyon16_paper", "camelyon16_paper.yaml", "configs/camelyon16_paper.yaml"):
+        assert config_path(spelling) == shipped["camelyon16_paper"]
+    assert Config.from_yaml("knn_cpu").to_dict() == Config.from_yaml(shipped["knn_cpu"]).to_dict()
+    (tmp_path / "knn_cpu").write_text("detector: knn\n")                       # a file of that name wins
+    assert config_path("knn_cpu") == Path("knn_cpu")
+    with pytest.raises(ConfigError, match="no packaged config of that name.*camelyon16_paper"):
+        config_path("camelyon17_paper")
+    assert main(["configs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(shipped) and lines[0].split()[0] == next(iter(shipped))
+    row = next(line for line in lines if line.startswith("deep_if_cpu "))
+    assert "Deep IF (Ouardini et al. 2019" in row                               # a sentence, not cut at "al."
+    assert main(["train", "x", "--out", str(tmp_path / "m.pt"), "--config", "nope"]) == 2
+    assert "no packaged config" in capsys.readouterr().err
+
+
+def test_threads_are_sized_once_for_torch_numba_and_blas():
+    import numba
+    import torch
+
+    from wsi_ad.threads import available_cores, configure
+
+    before = torch.get_num_threads()
+    try:
+        info = configure(1)
+        assert info == {**info, "threads": 1, "torch": 1, "numba": 1, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"]}
+        assert torch.get_num_threads() == 1 and numba.get_num_threads() == 1 and info["blas"] in (1, None)
+        assert configure()["torch"] == available_cores()
+        with pytest.raises(ValueError):
+            configure(0)
+    finally:
+        configure(before)
+    with pytest.raises(SystemExit):
+        main(["--threads", "0", "train", "x", "--out", "m.pt"])

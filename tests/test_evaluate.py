@@ -187,7 +187,7 @@ def _write_pngs(folder, tiles) -> None:
         Image.fromarray(tile).save(folder / f"{i:04d}.png")
 
 
-def test_evaluate_tiles_on_an_anomalib_folder_layout(scored_setting, tmp_path, capsys):
+def test_evaluate_tiles_on_an_anomalib_folder_layout(scored_setting, tmp_path, capsys, monkeypatch):
     normal = SlideStore.open(scored_setting["normal_store"]).require("tiles")
     tumor = SlideStore.open(scored_setting["tumor_store"]).require("tiles")
     labels = tile_labels(np.asarray(tumor["coords"][:]), tuple(tumor.attrs["geometry"]["tile0"]),
@@ -210,6 +210,23 @@ def test_evaluate_tiles_on_an_anomalib_folder_layout(scored_setting, tmp_path, c
         rows = list(csv.DictReader(fh))
     assert len(rows) == 60 + len(inside) and {r["label"] for r in rows} == {"0", "1"}
     assert (tmp_path / "eval" / "roc_test.png").stat().st_size > 5000
+
+    # issue 22: without --out the results go to the current directory, never into the (here read-only) dataset
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    for path in [root, *root.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~0o222)
+    try:
+        assert main(["evaluate", "tiles", str(root), "--model", str(scored_setting["model"])]) == 0
+    finally:
+        for path in [root, *root.rglob("*")]:
+            path.chmod(path.stat().st_mode | 0o200)
+    assert f"results go to {work / 'folder_dataset-wsi-ad-eval'}" in capsys.readouterr().out
+    again = json.loads((work / "folder_dataset-wsi-ad-eval" / "results.json").read_text())
+    assert again["splits"]["test"]["auc"] == test["auc"]
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
 
 
 def test_evaluate_tiles_refuses_a_folder_without_the_layout(scored_setting, tmp_path, capsys):

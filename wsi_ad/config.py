@@ -16,16 +16,22 @@ The detector's section is a dataclass of the detector's :attr:`~wsi_ad.detectors
 network they were trained with and feature statistics measured on the training tiles
 (:func:`upgrade_legacy`).
 
-See ``configs/camelyon16_paper.yaml`` and ``configs/demo_cpu.yaml``.
+Shipped configs live inside the package (``wsi_ad/configs/``; the repository's ``configs/`` is a link to that
+folder) and are found by name wherever wsi-ad is installed: ``--config camelyon16_paper`` is
+``wsi_ad/configs/camelyon16_paper.yaml`` (:func:`config_path`; ``wsi-ad configs`` lists them). See
+``camelyon16_paper`` and ``demo_cpu``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -37,6 +43,59 @@ DEFAULT_DETECTOR = "dpa"
 
 class ConfigError(WsiAdError):
     """A configuration file or value is invalid. The message names the key."""
+
+
+CONFIG_SUFFIXES = (".yaml", ".yml")
+
+
+def packaged_config_dir() -> Path:
+    """The folder of the configs shipped inside the package (``wsi_ad/configs``)."""
+    return Path(str(resources.files("wsi_ad").joinpath("configs")))
+
+
+def packaged_configs() -> dict[str, Path]:
+    """Every shipped config by name: its path below :func:`packaged_config_dir` without the ``.yaml`` suffix
+    (``camelyon16_paper``, ``ablations/dpa_adv_0.1_cpu``), sorted, subfolders last."""
+    root = packaged_config_dir()
+    found = {path.relative_to(root).with_suffix("").as_posix(): path
+             for path in root.rglob("*") if path.suffix in CONFIG_SUFFIXES and path.is_file()}
+    return dict(sorted(found.items(), key=lambda item: ("/" in item[0], item[0])))   # folders last
+
+
+def config_path(name_or_path: str | os.PathLike) -> Path:
+    """The YAML file a ``--config`` / ``--space`` argument means: an existing file as given, else the packaged config
+    of that name (``camelyon16_paper``, ``camelyon16_paper.yaml``, or ``configs/camelyon16_paper.yaml`` as the
+    README writes it, so the same command works outside a source checkout).
+
+    Raises:
+        ConfigError: neither a file nor a packaged name (the message lists the names).
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    name = path.as_posix()
+    if name.startswith("configs/"):
+        name = name[len("configs/"):]
+    for suffix in CONFIG_SUFFIXES:
+        name = name.removesuffix(suffix)
+    shipped = packaged_configs()
+    if name in shipped:
+        return shipped[name]
+    raise ConfigError(f"{name_or_path}: no such file, and no packaged config of that name (packaged: "
+                      f"{', '.join(shipped)}; `wsi-ad configs` describes them)")
+
+
+def config_summary(path: str | os.PathLike, width: int = 110) -> str:
+    """The first sentence of a config file's leading comment block, on one line of at most ``width`` characters."""
+    lines = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if not line.startswith("#"):
+                break
+            lines.append(line.lstrip("#").strip())
+    text = " ".join(line for line in lines if line)
+    sentence = re.split(r"(?<!\bal)(?<!\be\.g)(?<!\bi\.e)\.\s+(?=[A-Z(`])", text)[0].rstrip(".")
+    return sentence if len(sentence) <= width else sentence[:width - 1].rstrip() + "…"
 
 
 def read_yaml(path: str | os.PathLike, error: type[WsiAdError] = WsiAdError, what: str = "file") -> Any:
@@ -187,6 +246,8 @@ class Config:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> Config:
+        """A config from a YAML file, or a packaged config by name (:func:`config_path`)."""
+        path = config_path(path)
         data = read_yaml(path, ConfigError, "config")
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"{path}: a config must be a mapping of sections")

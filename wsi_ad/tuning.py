@@ -76,7 +76,7 @@ import yaml
 
 from wsi_ad import __version__
 from wsi_ad.atomic import write_text_atomic
-from wsi_ad.config import Config, ConfigError, read_yaml
+from wsi_ad.config import Config, ConfigError, config_path, read_yaml
 from wsi_ad.detectors import input_spec
 from wsi_ad.errors import WsiAdError
 from wsi_ad.store import STORE_SUFFIX, SlideStore, StoreError, is_store_path, stores_in
@@ -160,6 +160,9 @@ class SearchSpace:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> SearchSpace:
+        """A search space from a YAML file, or a packaged one by name (``tune_space_cpu``,
+        :func:`wsi_ad.config.config_path`)."""
+        path = config_path(path)
         data = read_yaml(path, TuneError, "search space")
         try:
             return cls.from_dict(data)
