@@ -399,13 +399,16 @@ COMPUTE_COMMANDS = frozenset({"demo", "process", "train", "score", "tune", "comp
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from wsi_ad.threads import configure, set_wait_policy
+    from wsi_ad.threads import available_cores, configure, set_wait_policy
 
     set_wait_policy()                       # before anything loads torch's OpenMP runtime
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
+    if args.threads is not None and args.threads > available_cores():
+        print(f"wsi-ad: warning: --threads {args.threads} is more than the {available_cores()} cores this process may "
+              "run on: the threads will share them", file=sys.stderr)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.command in COMPUTE_COMMANDS:

@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_ad.atomic import write_text_atomic
-from wsi_ad.config import Config, ConfigError, packaged_config_dir
+from wsi_ad.config import Config, ConfigError, config_path, packaged_config_dir
 from wsi_ad.errors import WsiAdError
 
 CONFIG_DIR = packaged_config_dir()
@@ -119,12 +119,14 @@ def parse_rows(detectors: str | None, configs: str, extra: list[str]) -> dict[st
                                "row's folder under OUT/runs), not starting with '.'")
         if name in rows:
             raise CompareError(f"row {name!r} is given twice")
-        rows[name] = Path(path)
+        rows[name] = path
     if not rows:
         raise CompareError("nothing to compare: give --detectors and/or --config NAME=CONFIG.yaml")
-    missing = [f"{name}={path}" for name, path in rows.items() if not path.is_file()]
-    if missing:
-        raise CompareError(f"config file(s) not found: {', '.join(missing)}")
+    for name, path in rows.items():          # a file, or a packaged config by name (wsi-ad configs)
+        try:
+            rows[name] = config_path(path)
+        except ConfigError as exc:
+            raise CompareError(f"--config {name}={path}: {exc}") from None
     return rows
 
 
@@ -575,7 +577,8 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
                              "of --tune-slides tumour training slides) and report the selected setting beside it")
     parser.add_argument("--tune-slides", type=int, default=2,
                         help="tumour training slides used by --tune; with --protocol dpa-paper, a fold (default 2)")
-    parser.add_argument("--tune-space", type=Path, help="search space YAML of --tune (default: each detector's own)")
+    parser.add_argument("--tune-space", type=Path,
+                        help="search space YAML or packaged name of --tune (default: each detector's own)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="training and scoring device")
     parser.add_argument("--workers", type=int, default=None, help="local Dask workers for the slide pipeline")
     parser.add_argument("--protocol", choices=("all-tiles", "dpa-paper"), default="all-tiles",

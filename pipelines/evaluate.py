@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from wsi_ad.atomic import write_text_atomic
+from wsi_ad.atomic import writable_folder, write_text_atomic
 from wsi_ad.errors import WsiAdError
 
 BMAD_BEST_AUROC = 0.78
@@ -37,10 +37,12 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     c16.add_argument("--data", type=Path, required=True, help="dataset root (training/, testing/ as the official release)")
     c16.add_argument("--run", type=Path, required=True, help="output folder; a re-run reuses what is finished")
     c16.add_argument("--model", type=Path, help="evaluate this checkpoint on the test slides (no selection, no training)")
-    c16.add_argument("--config", type=Path, help="training configuration YAML (default: the paper's; "
+    c16.add_argument("--config", type=Path,
+                     help="training configuration: YAML file or packaged name, `wsi-ad configs` (default: the paper's; "
                                                  "configs/demo_cpu.yaml for a CPU-sized run)")
     c16.add_argument("--tune", action="store_true", help="select hyperparameters on a few tumour training slides first")
-    c16.add_argument("--tune-space", type=Path, help="search space YAML for --tune (default: configs/tune_space.yaml)")
+    c16.add_argument("--tune-space", type=Path,
+                     help="search space YAML or packaged name for --tune (default: configs/tune_space.yaml)")
     c16.add_argument("--tune-slides", type=int, default=2,
                      help="tumour training slides used by --tune; with --protocol dpa-paper, a fold (three folds, as "
                           "the paper's; the official folds' slides with --dpa-split) (default: %(default)s)")
@@ -130,8 +132,13 @@ def folder_splits(root: Path) -> dict[str, dict[str, list[Path]]]:
 
 
 def default_tiles_out(root: str | Path) -> Path:
-    """Where ``evaluate tiles`` writes without ``--out``: ``./<dataset folder name>-wsi-ad-eval``."""
-    return Path.cwd() / f"{Path(root).resolve().name or 'tiles'}-wsi-ad-eval"
+    """Where ``evaluate tiles`` writes without ``--out``: ``./<dataset folder name>-wsi-ad-eval``. Raises WsiAdError
+    when the current directory lies inside the dataset (the results would go into it)."""
+    root, here = Path(root).resolve(), Path.cwd().resolve()
+    if here == root or root in here.parents:
+        raise WsiAdError(f"the current directory {here} is inside the dataset {root}: give --out (results never go "
+                         "into the dataset by default)")
+    return here / f"{root.name or 'tiles'}-wsi-ad-eval"
 
 
 def evaluate_tiles(root: str | Path, model: str | Path, out: str | Path | None = None, *, batch_size: int | None = None,
@@ -146,8 +153,10 @@ def evaluate_tiles(root: str | Path, model: str | Path, out: str | Path | None =
     from wsi_ad.scoring import default_batch_size, score_image_folder, write_scores_csv
 
     root = Path(root)
+    if not root.is_dir():
+        raise WsiAdError(f"{root}: no such folder")
     splits = folder_splits(root)
-    out = Path(out) if out is not None else default_tiles_out(root)
+    out = writable_folder(Path(out) if out is not None else default_tiles_out(root), "--out")
     echo(f"evaluating {root} with {model}; results go to {out}")
     scorer = load_scorer(model, device=None if device == "auto" else device, backbone_weights=backbone_weights)
     batch_size = batch_size or default_batch_size(scorer.device)

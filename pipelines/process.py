@@ -46,7 +46,7 @@ from pipelines.tasks import (
     score_range,
     score_ranges,
 )
-from wsi_ad.atomic import write_text_atomic
+from wsi_ad.atomic import writable_folder, write_text_atomic
 from wsi_ad.errors import WsiAdError
 from wsi_ad.metrics import normalize_slide_id
 from wsi_ad.preprocess import PreprocessConfig
@@ -136,7 +136,7 @@ def process_paths(paths: Iterable[str | Path], out: str | Path, config: Preproce
     """
     out = Path(out)
     slides = discover(paths)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(out, "--out")
     results = []
     echo(f"{'slide':<28} {'status':<7} {'tissue mm²':>10} {'tiles':>7} {'s':>7}  note")
     for path in slides:
@@ -212,8 +212,7 @@ def _execute(items: list[Path], kind: str, out: str | Path, batch: BatchConfig, 
     from pipelines.report import write_report
 
     started = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(out, "--out")
     if batch.model is not None and not Path(batch.model).is_file():
         raise WsiAdError(f"--model {batch.model}: checkpoint not found")
     handler = _attach_log_file(out / LOG_NAME)

@@ -31,7 +31,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True,
                         help="checkpoint file to write; an existing one of the same configuration is resumed. "
                              "The loss curve goes beside it as <stem>.loss.csv and <stem>.loss.png")
-    parser.add_argument("--config", type=Path, help="YAML config (default: the paper setting of --detector; see "
+    parser.add_argument("--config", type=Path,
+                        help="YAML config or packaged name, `wsi-ad configs` (default: the paper setting of --detector; see "
                                                      "configs/camelyon16_paper.yaml, configs/demo_cpu.yaml)")
     parser.add_argument("--detector", help="detector to train (`wsi-ad detectors` lists them; default: the "
                                            "config's, else dpa). With --config, the two must agree")

@@ -51,10 +51,11 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output folder: tune_results.json, best_config.yaml and runs/ (checkpoints; a re-run "
                              "reuses finished work)")
     parser.add_argument("--base-config", type=Path,
-                        help="YAML config the candidates modify (default: the paper's setting, "
+                        help="YAML config or packaged name the candidates modify (default: the paper's setting, "
                              "configs/camelyon16_paper.yaml; configs/demo_cpu.yaml for a CPU-sized search)")
     parser.add_argument("--space", type=Path,
-                        help="search-space YAML (default: configs/tune_space.yaml, the built-in space; schema in "
+                        help="search-space YAML or packaged name (default: configs/tune_space.yaml, the built-in space; "
+                             "schema in "
                              "wsi_ad/tuning.py)")
     parser.add_argument("--folds", type=_positive_int, default=3,
                         help="K of the cross-validation by slide (default 3; reduced to the number of slides "

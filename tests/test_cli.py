@@ -71,20 +71,29 @@ def test_configs_are_packaged_and_found_by_name_from_anywhere(tmp_path, monkeypa
     assert "Deep IF (Ouardini et al. 2019" in row                               # a sentence, not cut at "al."
     assert main(["train", "x", "--out", str(tmp_path / "m.pt"), "--config", "nope"]) == 2
     assert "no packaged config" in capsys.readouterr().err
+    (tmp_path / "model.pt").write_bytes(b"PK\x03\x04\x80\x81 binary")                    # found by a fresh user
+    with pytest.raises(ConfigError, match="not a YAML config \\(not UTF-8 text"):
+        Config.from_yaml(tmp_path / "model.pt")
+    with pytest.raises(ConfigError, match="a folder, not a config file"):
+        config_path(tmp_path)
 
 
-def test_threads_are_sized_once_for_torch_numba_and_blas():
+def test_threads_are_sized_once_for_torch_numba_and_blas(monkeypatch):
     import numba
     import torch
 
-    from wsi_ad.threads import available_cores, configure
+    from wsi_ad.threads import available_cores, configure, current
 
     before = torch.get_num_threads()
     try:
         info = configure(1)
         assert info == {**info, "threads": 1, "torch": 1, "numba": 1, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"]}
         assert torch.get_num_threads() == 1 and numba.get_num_threads() == 1 and info["blas"] in (1, None)
+        assert current()["threads"] == 1
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         assert configure()["torch"] == available_cores()
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")                               # the user's setting is the default
+        assert configure()["torch"] == 1
         with pytest.raises(ValueError):
             configure(0)
     finally:

@@ -32,8 +32,11 @@ def test_rows_by_name_and_by_config_and_their_errors(tmp_path):
     mine = _yaml(tmp_path / "x.yaml", AE)
     rows = parse_rows("dpa, ae", "cpu", [f"mine={mine}"])
     assert list(rows) == ["dpa", "ae", "mine"] and rows["dpa"] == CONFIG_DIR / "demo_cpu.yaml"
-    with pytest.raises(CompareError, match="config file\\(s\\) not found: gone="):
+    with pytest.raises(CompareError, match="--config gone=.*no such file, and no packaged config"):
         parse_rows(None, "cpu", [f"gone={tmp_path / 'gone.yaml'}"])
+    packaged = parse_rows(None, "cpu", ["a=small_cpu", "b=configs/ablations/dpa_pg_cpu.yaml"])   # names, as --config
+    assert {name: path.resolve() for name, path in packaged.items()} == {
+        "a": (CONFIG_DIR / "small_cpu.yaml").resolve(), "b": (CONFIG_DIR / "ablations" / "dpa_pg_cpu.yaml").resolve()}
     for bad in ("../escape", ".hidden", "a/b"):                    # a row name is a folder under OUT/runs
         with pytest.raises(CompareError, match="a row name is letters"):
             parse_rows(None, "cpu", [f"{bad}={mine}"])

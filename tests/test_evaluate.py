@@ -227,6 +227,16 @@ def test_evaluate_tiles_on_an_anomalib_folder_layout(scored_setting, tmp_path, c
     again = json.loads((work / "folder_dataset-wsi-ad-eval" / "results.json").read_text())
     assert again["splits"]["test"]["auc"] == test["auc"]
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+    monkeypatch.chdir(root)                         # run from inside the dataset: it asks for --out, writes nothing
+    assert main(["evaluate", "tiles", ".", "--model", str(scored_setting["model"])]) == 2
+    assert "inside the dataset" in capsys.readouterr().err
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+    assert main(["evaluate", "tiles", str(tmp_path / "nope"), "--model", str(scored_setting["model"])]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("x")           # --out that cannot be a folder: refused before any scoring
+    assert main(["evaluate", "tiles", str(root), "--model", str(scored_setting["model"]), "--out",
+                 str(tmp_path / "a_file" / "eval")]) == 2
+    assert "--out" in capsys.readouterr().err
 
 
 def test_evaluate_tiles_refuses_a_folder_without_the_layout(scored_setting, tmp_path, capsys):

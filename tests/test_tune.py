@@ -300,7 +300,7 @@ def test_unsupervised_selection_picks_the_lowest_normal_score_without_anomalies(
     assert main(["tune", *common]) == 2                                    # weakly-supervised needs anomalies
     assert "--selection unsupervised needs neither" in capsys.readouterr().err
     with one_torch_thread():
-        assert main(["tune", *common, "--selection", "unsupervised"]) == 0
+        assert main(["--threads", "1", "tune", *common, "--selection", "unsupervised"]) == 0
     out = capsys.readouterr().out
     document = json.loads((tmp_path / "u" / "tune_results.json").read_text())
     assert document["settings"]["selection"] == "unsupervised" and document["anomalies"] is None
@@ -375,7 +375,8 @@ def test_anomalies_as_a_folder_of_tile_images_give_the_same_selection(search, se
     base.write_text(json.dumps(TINY_BASE))
     space.write_text(yaml.safe_dump(TINY_SPACE))
     with one_torch_thread():
-        assert main(["tune", *map(str, setting["normals"]), "--anomalies", str(folder), "--out", str(tmp_path / "img"),
+        assert main(["--threads", "1", "tune", *map(str, setting["normals"]), "--anomalies", str(folder),
+                     "--out", str(tmp_path / "img"),
                      "--base-config", str(base), "--space", str(space), "--max-normal-tiles", "48",
                      "--max-anomaly-tiles", str(CAPS["max_anomaly_tiles"])]) == 0
     document = json.loads((tmp_path / "img" / "tune_results.json").read_text())

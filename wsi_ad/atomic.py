@@ -50,6 +50,22 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             temp.unlink()
 
 
+def writable_folder(path: str | os.PathLike, what: str) -> Path:
+    """Create the folder ``path`` (with its parents) when missing and check that this process can write there, before
+    any work is done. Raises :class:`~wsi_ad.errors.WsiAdError` naming ``what`` (e.g. ``"--out"``) otherwise (a
+    read-only file system, no permission, a file in the way)."""
+    from wsi_ad.errors import WsiAdError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WsiAdError(f"{what} {path}: cannot create the folder ({exc.strerror or exc})") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise WsiAdError(f"{what} {path}: not a writable folder")
+    return path
+
+
 def write_text_atomic(target: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``target`` atomically and return the target path."""
     with atomic_path(target) as temp:

@@ -73,6 +73,8 @@ def config_path(name_or_path: str | os.PathLike) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
+    if not str(name_or_path).strip():
+        raise ConfigError("an empty config name: give a YAML file or a packaged name (`wsi-ad configs` lists them)")
     name = path.as_posix()
     if name.startswith("configs/"):
         name = name[len("configs/"):]
@@ -81,6 +83,8 @@ def config_path(name_or_path: str | os.PathLike) -> Path:
     shipped = packaged_configs()
     if name in shipped:
         return shipped[name]
+    if path.is_dir():
+        raise ConfigError(f"{name_or_path}: a folder, not a config file (give a YAML file or a packaged name)")
     raise ConfigError(f"{name_or_path}: no such file, and no packaged config of that name (packaged: "
                       f"{', '.join(shipped)}; `wsi-ad configs` describes them)")
 
@@ -106,6 +110,8 @@ def read_yaml(path: str | os.PathLike, error: type[WsiAdError] = WsiAdError, wha
             return yaml.safe_load(fh)
     except OSError as exc:
         raise error(f"{path}: cannot read {what}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not a YAML {what} (not UTF-8 text: {exc.reason} at byte {exc.start})") from exc
     except yaml.YAMLError as exc:
         raise error(f"{path}: invalid YAML: {exc}") from exc
 

@@ -25,6 +25,19 @@ import os
 DEFAULT_OMP_WAIT_POLICY = "PASSIVE"
 
 
+#: What :func:`configure` set in this process (None before it ran).
+_configured: int | None = None
+
+
+def default_threads() -> int:
+    """The threads a process takes when not told: ``OMP_NUM_THREADS`` when the user set it to a positive integer,
+    else :func:`available_cores`."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    return available_cores()
+
+
 def available_cores() -> int:
     """Cores this process may run on (its CPU affinity, e.g. a batch system's allocation), at least 1."""
     if hasattr(os, "sched_getaffinity"):
@@ -39,7 +52,7 @@ def set_wait_policy() -> str:
 
 
 def configure(threads: int | None = None) -> dict:
-    """Size this process's torch, numba and BLAS thread pools to ``threads`` (None: :func:`available_cores`) and
+    """Size this process's torch, numba and BLAS thread pools to ``threads`` (None: :func:`default_threads`) and
     make OpenMP's waiting passive (:func:`set_wait_policy`). Call once, at start-up. Returns what was set, for the
     run's report: ``{"threads", "torch", "numba", "blas", "omp_wait_policy"}``.
 
@@ -48,8 +61,10 @@ def configure(threads: int | None = None) -> dict:
     """
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
+    global _configured
     policy = set_wait_policy()
-    n = int(threads or available_cores())
+    n = int(threads or default_threads())
+    _configured = n
     import torch
 
     torch.set_num_threads(n)
@@ -72,7 +87,7 @@ def current() -> dict:
     """The thread pools of this process as they are now (same keys as :func:`configure`)."""
     import torch
 
-    info = {"threads": None, "torch": torch.get_num_threads(), "numba": None, "blas": None,
+    info = {"threads": _configured, "torch": torch.get_num_threads(), "numba": None, "blas": None,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     try:
         import numba
