@@ -65,8 +65,9 @@ class ClusterInfo:
 def default_workers() -> tuple[int, int]:
     """(workers, threads per worker) for a local cluster on this machine: one single-threaded worker per
     core, at most 8 (slides are independent, so processes scale; memory grows with workers)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores)), 1
+    from wsi_ad.threads import available_cores
+
+    return max(1, min(8, available_cores())), 1
 
 
 def _cuda_devices() -> int:

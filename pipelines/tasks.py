@@ -32,7 +32,7 @@ from wsi_ad.atomic import write_text_atomic
 from wsi_ad.errors import WsiAdError
 from wsi_ad.preprocess import PreprocessConfig, run_stain_stage, run_tiles_stage, run_tissue_stage
 from wsi_ad.slide import open_slide, slide_id_of
-from wsi_ad.store import SlideStore
+from wsi_ad.store import SlideStore, qc_png_path
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def new_result(path: str | Path) -> dict:
 def _preprocess(result: dict, out: Path, config: PreprocessConfig, mpp: float | None) -> None:
     with open_slide(result["slide"], mpp=mpp) as slide:
         store = SlideStore.for_slide(out, slide)
-        qc_path = out / "qc" / f"{slide.slide_id}.tissue.png"
+        qc_path = qc_png_path(out, slide.slide_id)
         mask, tissue_ran = run_tissue_stage(slide, store, config, qc_path=qc_path)
         stain, stain_ran = run_stain_stage(slide, store, mask, config)
         n_tiles, tiles_ran = run_tiles_stage(slide, store, mask, config, stain=stain)
@@ -124,7 +124,7 @@ def _open_store(result: dict) -> None:
     attrs = store.root.attrs
     tiles = store.require("tiles")
     source = attrs.get("source") or {}
-    qc = Path(result["store"]).parent / "qc" / f"{result['slide_id']}.tissue.png"
+    qc = qc_png_path(Path(result["store"]).parent, result["slide_id"])
     width, height = (attrs.get("level_dimensions") or [[None, None]])[0]
     result.update({
         "slide": source.get("path") or result["slide"], "n_tiles": int(tiles["coords"].shape[0]),

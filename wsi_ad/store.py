@@ -70,6 +70,11 @@ def store_path(out_dir: str | os.PathLike, slide_id: str) -> Path:
     return Path(out_dir) / f"{slide_id}{STORE_SUFFIX}"
 
 
+def qc_png_path(out_dir: str | os.PathLike, slide_id: str) -> Path:
+    """The tissue-mask QC image written beside the stores: ``<out_dir>/qc/<slide_id>.tissue.png``."""
+    return Path(out_dir) / "qc" / f"{slide_id}.tissue.png"
+
+
 def is_store_path(path: str | os.PathLike) -> bool:
     """Whether ``path`` names a store itself (a ``*.zarr`` folder, or any folder holding a zarr group)
     rather than a folder of stores. Cheap: looks at names only, opens nothing."""

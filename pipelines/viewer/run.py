@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from wsi_ad.errors import WsiAdError
-from wsi_ad.store import STORE_SUFFIX, SlideStore
+from wsi_ad.store import STORE_SUFFIX, SlideStore, qc_png_path
 
 #: Edge of a slide tile (px) and its overlap, OpenSlide's deep-zoom defaults (254 + 2 x 1 = 256 px images).
 SLIDE_TILE_PX, SLIDE_TILE_OVERLAP = 254, 1
@@ -285,7 +285,7 @@ class RunView:
     def _load_thumbnail(self, view: SlideView) -> None:
         candidates = [view.row.get("thumbnail")]
         if view.store is not None:
-            candidates.append(view.store.parent / "qc" / f"{view.slide_id}.tissue.png")
+            candidates.append(qc_png_path(view.store.parent, view.slide_id))
         for candidate in candidates:
             if candidate and Path(candidate).is_file():
                 view.thumbnail = Path(candidate)
