@@ -116,7 +116,9 @@ def test_the_e_step_follows_the_official_order_and_only_runs_on_its_steps(scored
     detector.before_step(pool, 2)                                      # not an E-step: nothing changes
     assert torch.equal(detector.models["global"].center, old)
     detector.before_step(pool, 3)                                      # later: sigma2 around the old c, then c
-    assert float(detector.models["global"].sigma2) == pytest.approx(float(estimate_sigma2(codes("global"), old, 8)))
+    # float32 sums in another order (CI once: 18.650484 vs 18.650505, 1.1e-6 relative): a float32 tolerance
+    assert float(detector.models["global"].sigma2) == pytest.approx(float(estimate_sigma2(codes("global"), old, 8)),
+                                                                    rel=1e-5)
     assert torch.allclose(detector.models["global"].center, estimate_center(codes("global")), atol=1e-6)
 
 
