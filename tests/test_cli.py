@@ -78,6 +78,13 @@ def test_configs_are_packaged_and_found_by_name_from_anywhere(tmp_path, monkeypa
         config_path(tmp_path)
 
 
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`wsi-ad configs | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    proc = subprocess.run(f"{' '.join(_wsi_ad())} configs | head -1", shell=True, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.startswith("ae_cpu") and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
 def test_threads_are_sized_once_for_torch_numba_and_blas(monkeypatch):
     import numba
     import torch
