@@ -47,13 +47,7 @@ def create_app(run: RunView) -> Flask:
     app = Flask(__name__, static_folder="static", template_folder="templates")
     app.jinja_env.filters["score"] = _score_text
 
-    def slide_or_404(slide_id: str):
-        try:
-            return run.slide(slide_id)
-        except ViewerError:
-            abort(404, f"no slide {slide_id!r} in this run")
-
-    @app.errorhandler(ViewerError)
+    @app.errorhandler(ViewerError)         # an unknown slide, layer or tile: every RunView method raises it
     def _not_found(exc):
         return Response(str(exc), status=404, mimetype="text/plain")
 
@@ -82,7 +76,7 @@ def create_app(run: RunView) -> Flask:
 
     @app.get("/slide/<slide_id>")
     def slide_page(slide_id: str):
-        view = slide_or_404(slide_id)
+        view = run.slide(slide_id)
         info = slide_info(slide_id)
         from wsi_ad.overlay import colormap_lut
 
@@ -116,28 +110,23 @@ def create_app(run: RunView) -> Flask:
 
     @app.get("/slide/<slide_id>/info.json")
     def slide_info_json(slide_id: str):
-        slide_or_404(slide_id)
         return jsonify(slide_info(slide_id))
 
     @app.get("/slide/<slide_id>/slide.dzi")
     def slide_dzi(slide_id: str):
-        slide_or_404(slide_id)
         return Response(run.slide_dzi(slide_id), mimetype="application/xml")
 
     @app.get("/slide/<slide_id>/slide_files/<int:level>/<int:col>_<int:row>.jpeg")
     def slide_tile(slide_id: str, level: int, col: int, row: int):
-        slide_or_404(slide_id)
         return Response(run.slide_tile(slide_id, level, col, row), mimetype="image/jpeg",
                         headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/slide/<slide_id>/layers/<layer>.dzi")
     def layer_dzi(slide_id: str, layer: str):
-        slide_or_404(slide_id)
         return Response(run.layer_dzi(slide_id, layer), mimetype="application/xml")
 
     @app.get("/slide/<slide_id>/layers/<layer>_files/<int:level>/<int:col>_<int:row>.png")
     def layer_tile(slide_id: str, layer: str, level: int, col: int, row: int):
-        slide_or_404(slide_id)
         return Response(run.layer_tile(slide_id, layer, level, col, row), mimetype="image/png",
                         headers={"Cache-Control": "max-age=3600"})
 
@@ -151,7 +140,7 @@ def create_app(run: RunView) -> Flask:
 
     @app.get("/slide/<slide_id>/thumbnail.png")
     def thumbnail(slide_id: str):
-        view = slide_or_404(slide_id)
+        view = run.slide(slide_id)
         if view.thumbnail is None:
             abort(404)
         return send_file(view.thumbnail.resolve(), mimetype="image/png", max_age=0)

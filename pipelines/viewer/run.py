@@ -195,8 +195,9 @@ class RunView:
                 return Path(candidate)
         return None
 
-    def _slide_file(self, row: dict, notices: list[str]) -> Path | None:
-        """The slide file if OpenSlide can open it (else None, with a notice saying why)."""
+    def _slide_file(self, row: dict, notices: list[str]) -> tuple[Path | None, tuple[int, int] | None]:
+        """The slide file and its level-0 (width, height) if OpenSlide can open it (else ``(None, None)``, with a
+        notice saying why)."""
         import openslide
 
         recorded = Path(row["slide"]) if row.get("slide") else None
@@ -209,16 +210,15 @@ class RunView:
             notices.append(f"the slide file is missing ({row.get('slide')}: moved or deleted{where}): showing the "
                            "stored thumbnail (the tissue-mask QC image; its green line is the tissue outline) instead "
                            "of the slide's own pixels")
-            return None
+            return None, None
         try:
-            openslide.OpenSlide(str(path)).close()
+            with openslide.OpenSlide(str(path)) as osr:
+                return path, osr.dimensions
         except (openslide.OpenSlideError, OSError) as exc:
             notices.append(f"OpenSlide cannot read the slide file {path} ({exc or type(exc).__name__})")
-            return None
-        return path
+            return None, None
 
     def _load(self, row: dict) -> SlideView:
-
         sid = row["slide_id"]
         notices = []
         if row.get("status") == "failed":
@@ -241,16 +241,15 @@ class RunView:
         width, height = (attrs.get("level_dimensions") or [[row.get("width"), row.get("height")]])[0]
         mpp = (attrs["mpp_x"], attrs["mpp_y"]) if attrs.get("mpp_x") else (
             (row["mpp"], row["mpp"]) if row.get("mpp") else None)
-        slide_path = self._slide_file(row, notices)
+        slide_path, file_dimensions = self._slide_file(row, notices)
         source = attrs.get("source") or {}
-        if slide_path is not None and source.get("size") is not None and os.stat(slide_path).st_size != source["size"]:
-            notices.append(f"the slide file {slide_path} changed since it was processed (size "
-                           f"{os.stat(slide_path).st_size} bytes, was {source['size']}): the heatmap may not match it")
-        if slide_path is not None and not (width and height):       # no store: the file's own size
-            import openslide
-
-            with openslide.OpenSlide(str(slide_path)) as osr:
-                width, height = osr.dimensions
+        if slide_path is not None and source.get("size") is not None:
+            size = os.stat(slide_path).st_size
+            if size != source["size"]:
+                notices.append(f"the slide file {slide_path} changed since it was processed (size {size} bytes, was "
+                               f"{source['size']}): the heatmap may not match it")
+        if file_dimensions is not None and not (width and height):       # no store: the file's own size
+            width, height = file_dimensions
         view = SlideView(sid, row, int(width or 0), int(height or 0), mpp, slide_path, store_path, notices=notices)
         if store is not None:
             self._load_stages(view, store)
